@@ -1,0 +1,226 @@
+"""The attack engine: projected first-order steps with per-sample FOSC monitoring, stopping
+rules and active-set compaction.
+
+Each step evaluates the input gradient once for every still-running sample, computes their
+FOSC from that same gradient (monitoring costs no extra pass), asks the stopping rule who stops,
+and moves the rest. With `compact=True` stopped samples leave the batch, so early stopping
+saves real compute; the model runs in eval mode, so a sample's result does not depend on which
+others share its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fosctrain.attacks.stopping import StoppingRule
+from fosctrain.errors import UserError
+from fosctrain.fosc import fosc, fosc_stats
+from fosctrain.losses import input_gradient, objective
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns.
+
+    fosc: each sample's FOSC at the last point whose gradient was evaluated; that is the
+    returned point for samples stopped by the rule and for all samples when the attack ran with
+    final_fosc=True, otherwise (samples that used every step) the point one step before.
+    fosc_trace: steps x batch, FOSC at each evaluated point, NaN once a sample stopped.
+    steps: projected steps each sample took. grad_evals: rows pushed through a forward and
+    input-gradient backward pass (the attack's real cost; see _pad_rows for the few extra).
+    """
+
+    x_adv: Tensor
+    fosc: Tensor
+    fosc_trace: Tensor
+    steps: Tensor
+    stopped: Tensor
+    grad_evals: int
+
+    def summary(self) -> dict[str, float]:
+        stats = fosc_stats(self.fosc)
+        return {
+            **{f"fosc_{k}": v for k, v in stats.items()},
+            "steps_mean": self.steps.double().mean().item(),
+            "stopped_frac": self.stopped.double().mean().item(),
+            "grad_evals": float(self.grad_evals),
+        }
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """Eval mode and frozen parameters for the attack, restored exactly afterwards (also on
+    error); frozen parameters also spare autograd the work of their gradients."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def validate(eps: float, alpha: float, steps: int) -> None:
+    """Reject budgets that make no sense, with one clear line."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise UserError(f"eps must be a positive finite number, got {eps!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise UserError(f"step size must be a positive finite number, got {alpha!r}")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+
+
+def random_start(x0: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
+    """A uniform point of the L-inf ball, or a uniformly random direction and radius in the L2
+    ball, drawn on the CPU from `generator` so that results do not depend on the device."""
+    shape = x0.shape
+    if norm == "linf":
+        noise = torch.rand(shape, generator=generator, dtype=torch.float32) * 2 - 1
+        delta = noise * eps
+    else:
+        direction = torch.randn(shape, generator=generator, dtype=torch.float32)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        radius = torch.rand((shape[0],), generator=generator, dtype=torch.float32) * eps
+        delta = direction * radius.view(-1, *([1] * (len(shape) - 1)))
+    return x0 + delta.to(device=x0.device, dtype=x0.dtype)
+
+
+def project(x: Tensor, x0: Tensor, eps: float, norm: str, bounds: tuple[float, float]) -> Tensor:
+    """Project onto the threat ball around x0, then into the pixel box."""
+    delta = x - x0
+    if norm == "linf":
+        delta = torch.clamp(delta, -eps, eps)
+    else:
+        length = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        factor = torch.clamp(eps / length, max=1.0)
+        delta = delta * factor.view(-1, *([1] * (x.dim() - 1)))
+    return torch.clamp(x0 + delta, bounds[0], bounds[1])
+
+
+def ascent_step(x: Tensor, grad: Tensor, alpha: float, norm: str) -> Tensor:
+    """Steepest ascent of size alpha: the gradient's sign (L-inf) or its direction (L2)."""
+    if norm == "linf":
+        return x + alpha * grad.sign()
+    length = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return x + alpha * grad / length.view(-1, *([1] * (x.dim() - 1)))
+
+
+MIN_ROWS = 16
+
+
+def _pad_rows(idx: Tensor, n: int) -> Tensor:
+    """Pad a compacted index set to at least MIN_ROWS rows (repeating its first row).
+
+    CPU BLAS and oneDNN switch to other kernels for batches of a few rows (measured: fewer than 12), whose
+    rounding differs; padding keeps every sample's gradient bit-identical to the one it gets in
+    the full batch, so compaction changes the cost and never the result.
+    """
+    short = min(MIN_ROWS, n) - idx.numel()
+    if short <= 0:
+        return idx
+    return torch.cat([idx, idx[:1].expand(short)])
+
+
+def run_attack(
+    model: nn.Module,
+    x0: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str = "linf",
+    loss: str = "ce",
+    targeted: bool = False,
+    random_init: bool = True,
+    stop: StoppingRule | None = None,
+    min_steps: int = 0,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    fosc_box: bool = False,
+    fosc_from_start: bool = False,
+    final_fosc: bool = False,
+    compact: bool = True,
+    eval_mode: bool = True,
+    generator: torch.Generator | None = None,
+) -> AttackResult:
+    """Run `steps` projected ascent steps from x0 (optionally a random start).
+
+    The stopping rule is consulted from step `min_steps` on (the official DAT code always takes
+    the first step: min_steps=1). `fosc_from_start` measures FOSC around the random start, the
+    official code's quirk, instead of around x0. `fosc_box` uses the exact box-aware FOSC.
+    `y` holds the target labels when `targeted`.
+    """
+    validate(eps, alpha, steps)
+    if norm not in ("linf", "l2"):
+        raise UserError(f"unknown norm {norm!r}; choose 'linf' or 'l2'")
+    f_obj = objective(loss, targeted)
+    x0 = x0.detach()
+    n = x0.shape[0]
+    device = x0.device
+    x = (
+        project(random_start(x0, eps, norm, generator), x0, eps, norm, bounds)
+        if random_init
+        else x0
+    )
+    x = x.clone()
+    center = x.clone() if fosc_from_start else x0
+    fbounds = bounds if fosc_box else None
+    running = torch.ones(n, dtype=torch.bool, device=device)
+    trace = torch.full((steps + int(final_fosc), n), float("nan"), device=device)
+    last_fosc = torch.full((n,), float("nan"), device=device)
+    steps_taken = torch.zeros(n, dtype=torch.long, device=device)
+    grad_evals = 0
+    if stop is not None:
+        stop.reset(n, device)
+
+    def evaluate(k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gradient and FOSC at the current points of the evaluated samples."""
+        nonlocal grad_evals
+        every = bool(running.all()) or not compact
+        idx = torch.arange(n, device=device) if every else running.nonzero().squeeze(1)
+        rows = idx if every else _pad_rows(idx, n)
+        xa = x if every else x[rows]
+        grad, logits, _ = input_gradient(model, xa, y if every else y[rows], f_obj)
+        grad_evals += rows.numel()
+        grad, logits, xa = grad[: idx.numel()], logits[: idx.numel()], xa[: idx.numel()]
+        c = center if every else center[idx]
+        f = fosc(xa, c, grad, eps, norm, fbounds)
+        keep = running[idx]
+        trace[k, idx[keep]] = f[keep]
+        last_fosc[idx[keep]] = f[keep]
+        return idx, grad, logits, f
+
+    with attack_mode(model, eval_mode):
+        for k in range(steps):
+            idx, grad, logits, f = evaluate(k)
+            move = running[idx]
+            if stop is not None and k >= min_steps:
+                halt = stop(k, idx[move], f[move], logits[move], y[idx[move]], targeted)
+                sub = move.nonzero().squeeze(1)
+                move[sub[halt]] = False
+                running[idx[sub[halt]]] = False
+            if idx.numel() == n and bool(move.all()):
+                x = project(ascent_step(x, grad, alpha, norm), x0, eps, norm, bounds)
+                steps_taken += 1
+            else:
+                mi = idx[move]
+                stepped = ascent_step(x[mi], grad[move], alpha, norm)
+                x[mi] = project(stepped, x0[mi], eps, norm, bounds)
+                steps_taken[mi] += 1
+            if not running.any():
+                break
+        if final_fosc and running.any():
+            evaluate(steps)
+    stopped = ~running
+    return AttackResult(x.detach(), last_fosc, trace, steps_taken, stopped, grad_evals)

@@ -1,0 +1,83 @@
+"""Projected gradient descent (Madry et al. 2018) in the L-inf and L2 balls, with FOSC
+monitoring and optional per-sample stopping (DAT's FOSC threshold, FAT's tau)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fosctrain.attacks.engine import AttackResult, run_attack
+from fosctrain.attacks.stopping import StoppingRule
+
+
+@dataclass
+class PGD:
+    """L-inf PGD. `attack(model, x, y)` returns an AttackResult; alpha defaults to eps / 4.
+
+    Options shared by every attack: eps, alpha, steps, random_start, loss ("ce" or "cw"),
+    targeted, stop (a stopping rule), min_steps, fosc_box, fosc_from_start, final_fosc,
+    compact, seed (or a generator passed per call).
+    """
+
+    eps: float = 0.3
+    alpha: float | None = None
+    steps: int = 10
+    random_start: bool = True
+    loss: str = "ce"
+    targeted: bool = False
+    stop: StoppingRule | None = None
+    min_steps: int = 0
+    fosc_box: bool = False
+    fosc_from_start: bool = False
+    final_fosc: bool = False
+    compact: bool = True
+    seed: int | None = None
+    norm: ClassVar[str] = "linf"
+
+    @property
+    def step_size(self) -> float:
+        return self.eps / 4 if self.alpha is None else self.alpha
+
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None
+    ) -> AttackResult:
+        if generator is None and self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed)
+        return run_attack(
+            model,
+            x,
+            y,
+            eps=self.eps,
+            alpha=self.step_size,
+            steps=self.steps,
+            norm=self.norm,
+            loss=self.loss,
+            targeted=self.targeted,
+            random_init=self.random_start,
+            stop=self.stop,
+            min_steps=self.min_steps,
+            fosc_box=self.fosc_box,
+            fosc_from_start=self.fosc_from_start,
+            final_fosc=self.final_fosc,
+            compact=self.compact,
+            generator=generator,
+        )
+
+    def describe(self) -> dict:
+        """The attack's settings as plain data (for logs and eval.json)."""
+        d = {k: v for k, v in asdict(self).items() if k != "stop"}
+        d.update(name=type(self).__name__, norm=self.norm, alpha=self.step_size)
+        if self.stop is not None:
+            d["stop"] = repr(self.stop)
+        return d
+
+
+@dataclass
+class PGDL2(PGD):
+    """L2 PGD: normalized-gradient steps, projection onto the L2 ball; alpha defaults to eps/4."""
+
+    eps: float = 2.0
+    norm: ClassVar[str] = "l2"

@@ -1,0 +1,64 @@
+"""The `fosc` command line: one sub-command per verb, each a thin layer over library functions.
+
+Every verb lives in fosctrain.commands.<verb> with `add_arguments(parser)` and `run(args)`.
+Bad input (a UserError, an unknown option) prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fosctrain import __version__
+from fosctrain.errors import UserError
+
+VERBS = {
+    "train": "train a model (DAT, Madry, CAT, FAT, TRADES, Fast-AT, natural)",
+    "attack": "attack a model on a few examples and show the FOSC of every PGD step",
+    "eval": "robust accuracy of a checkpoint or run under a suite of attacks",
+    "measure": "FOSC, loss and accuracy against PGD steps (the paper's convergence analysis)",
+    "plot": "figures from one or more runs' metrics",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _load(verb: str):
+    return importlib.import_module(f"fosctrain.commands.{verb}")
+
+
+def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="fosc", description="Adversarial training with FOSC convergence control.")
+    parser.add_argument("--version", action="version", version=f"fosc {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb in verbs or list(VERBS):
+        p = sub.add_parser(verb, help=VERBS[verb], description=VERBS[verb])
+        _load(verb).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        verb = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser([verb] if verb in VERBS else None)
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            parser.print_help()
+            return 0
+        return int(_load(args.verb).run(args) or 0)
+    except UserError as e:
+        print(f"fosc: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"fosc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fosc: interrupted", file=sys.stderr)
+        return 130

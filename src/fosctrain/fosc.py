@@ -1,0 +1,71 @@
+"""FOSC, the First-Order Stationary Condition of the inner maximization (Wang et al., ICML 2019).
+
+For the constrained problem max_{x in X(x0)} loss(x), the FOSC value at a point x_k with input
+gradient g = grad_x loss(x_k) is
+
+    c(x_k) = max_{x in X(x0)} < x - x_k , g >
+
+the largest first-order gain still available inside the threat set. It is >= 0 for x_k in the
+set and 0 exactly at a first-order stationary (KKT) point; smaller means better converged.
+All functions here return one value per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fosctrain.errors import UserError
+
+NORMS = ("linf", "l2")
+
+
+def fosc(
+    x: Tensor,
+    x0: Tensor,
+    grad: Tensor,
+    eps: float,
+    norm: str = "linf",
+    bounds: tuple[float, float] | None = None,
+) -> Tensor:
+    """FOSC per sample for the threat set centred at x0.
+
+    norm="linf", bounds=None (the paper's closed form over the L-inf ball):
+        c = eps * ||g||_1 - < x - x0 , g >
+    norm="linf", bounds=(lo, hi) (exact over the ball intersected with the pixel box): the
+    maximizer of a linear function over a box is a vertex, so with
+    l = max(x0 - eps, lo), h = min(x0 + eps, hi),
+        c = sum_i [g_i > 0] g_i (h_i - x_i) + [g_i < 0] g_i (l_i - x_i)
+    which is <= the paper form and is 0 at pixel-clipped stationary points.
+    norm="l2", bounds=None (the L2 ball):
+        c = eps * ||g||_2 - < x - x0 , g >
+    g must be each sample's own gradient (see fosctrain.losses.input_gradient).
+    """
+    if norm not in NORMS:
+        raise UserError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
+    g = grad.flatten(1)
+    if norm == "linf" and bounds is not None:
+        lo = torch.clamp(x0 - eps, min=bounds[0])
+        hi = torch.clamp(x0 + eps, max=bounds[1])
+        vertex = torch.where(grad > 0, hi, lo)
+        return ((vertex - x).flatten(1) * g).sum(1)
+    if bounds is not None:
+        raise UserError("box-exact FOSC is only defined for norm='linf'")
+    d = (x - x0).flatten(1)
+    radius = g.abs().sum(1) if norm == "linf" else g.norm(dim=1)
+    return eps * radius - (d * g).sum(1)
+
+
+def fosc_stats(values: Tensor) -> dict[str, float]:
+    """Mean, median, 10th and 90th percentile and max of FOSC values, ignoring NaN."""
+    v = values[~torch.isnan(values)].double()
+    if v.numel() == 0:
+        return {k: float("nan") for k in ("mean", "median", "p10", "p90", "max")}
+    q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=v.dtype))
+    return {
+        "mean": v.mean().item(),
+        "median": q[1].item(),
+        "p10": q[0].item(),
+        "p90": q[2].item(),
+        "max": v.max().item(),
+    }

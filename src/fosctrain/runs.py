@@ -1,0 +1,84 @@
+"""Run directories and models loaded from them.
+
+A run directory (runs/<name>/ by default) holds config.json (the resolved training
+configuration), metrics.csv / metrics.jsonl, summary.json and checkpoints `last`, `best`
+(and `last-prev`), each a .safetensors + .json pair (see fosctrain.checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fosctrain.checkpoint import load_weights
+from fosctrain.errors import UserError
+from fosctrain.models import create_model
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: dict
+    source: Path
+
+
+def read_config(run_dir: str | Path) -> dict:
+    """The resolved configuration a run was trained with."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no config.json here; is {run_dir} a run directory?")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON config ({e})") from None
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Path]:
+    """(run directory, checkpoint path) for a run directory or a checkpoint file inside one."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (which, "last", "last-prev"):
+            candidate = path / f"{name}.safetensors"
+            if candidate.is_file():
+                return path, candidate
+        raise UserError(f"{path}: no checkpoint ({which}.safetensors or last.safetensors) found")
+    if not path.exists() and path.with_suffix(".safetensors").exists():
+        path = path.with_suffix(".safetensors")
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file or run directory")
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"{path}: expected a run directory or a .safetensors/.pt checkpoint")
+    return path.parent, path
+
+
+def build_model(config: dict) -> nn.Module:
+    """The (untrained) model a configuration describes."""
+    return create_model(
+        config["model"], num_classes=config.get("num_classes", 10), **config.get("model_kwargs", {})
+    )
+
+
+def load_model(
+    path: str | Path,
+    which: str = "best",
+    config: dict | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """The trained model of a run directory (its `which` checkpoint) or of a checkpoint file
+    inside a run directory; `config` overrides the run's config.json (e.g. for a lone file)."""
+    run_dir, ckpt = resolve_checkpoint(path, which)
+    config = config if config is not None else read_config(run_dir)
+    model = build_model(config)
+    state = load_weights(ckpt)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{ckpt}: weights do not fit model {config['model']!r} ({first})") from None
+    return LoadedModel(model.to(device).eval(), config, ckpt)

@@ -1,0 +1,370 @@
+"""Tests for fosctrain.data: embedded MNIST sample, idx and CIFAR readers, validation,
+batching and augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fosctrain.data import (
+    Dataset,
+    batches,
+    load_cifar10,
+    load_dataset,
+    load_mnist,
+    load_mnist5k,
+    random_crop_flip,
+    validate_tensors,
+)
+from fosctrain.errors import UserError
+
+# ---------------------------------------------------------------- mnist5k
+
+
+def test_mnist5k_shapes_and_types() -> None:
+    d = load_mnist5k()
+    assert isinstance(d, Dataset)
+    assert d.name == "mnist5k" and d.num_classes == 10
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28)
+    assert d.y_train.shape == (4000,) and d.y_test.shape == (1000,)
+    assert d.input_shape == (1, 28, 28)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+
+
+def test_mnist5k_values_are_k_over_255() -> None:
+    d = load_mnist5k()
+    for x in (d.x_train, d.x_test):
+        assert torch.isfinite(x).all()
+        assert x.min() >= 0.0 and x.max() <= 1.0
+        scaled = x * 255.0
+        assert torch.allclose(scaled, scaled.round(), atol=1e-4)
+    assert d.x_train.max() == 1.0
+
+
+def test_mnist5k_stratified_split() -> None:
+    d = load_mnist5k()
+    assert torch.equal(torch.bincount(d.y_train, minlength=10), torch.full((10,), 400))
+    assert torch.equal(torch.bincount(d.y_test, minlength=10), torch.full((10,), 100))
+
+
+def test_mnist5k_deterministic_and_cache_safe() -> None:
+    a = load_mnist5k()
+    a.x_train.zero_()
+    a.y_test.fill_(3)
+    b, c = load_mnist5k(), load_mnist5k()
+    assert b.x_train.max() == 1.0 and torch.bincount(b.y_test).tolist() == [100] * 10
+    assert torch.equal(b.x_train, c.x_train) and torch.equal(b.y_train, c.y_train)
+    assert torch.equal(b.x_test, c.x_test) and torch.equal(b.y_test, c.y_test)
+
+
+def test_mnist5k_train_and_test_are_disjoint() -> None:
+    d = load_mnist5k()
+    train = {bytes(row) for row in (d.x_train.flatten(1) * 255).round().to(torch.uint8).numpy()}
+    test = {bytes(row) for row in (d.x_test.flatten(1) * 255).round().to(torch.uint8).numpy()}
+    assert len(train & test) <= 2
+
+
+def test_load_dataset_by_name() -> None:
+    assert load_dataset("mnist5k").x_train.shape[0] == 4000
+    with pytest.raises(UserError, match="mnist5k, mnist, cifar10"):
+        load_dataset("imagenet")
+    for name in ("mnist", "cifar10"):
+        with pytest.raises(UserError, match="data directory"):
+            load_dataset(name)
+
+
+# ---------------------------------------------------------------- MNIST idx files
+
+
+def _idx_images(images: np.ndarray, magic: int = 2051) -> bytes:
+    n, h, w = images.shape
+    return struct.pack(">IIII", magic, n, h, w) + images.astype(np.uint8).tobytes()
+
+
+def _idx_labels(labels: np.ndarray, magic: int = 2049) -> bytes:
+    return struct.pack(">II", magic, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def _mnist_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+
+
+def _write(path: Path, data: bytes, gz: bool) -> None:
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def _write_mnist(root: Path, gz: bool = False, n_train: int = 20, n_test: int = 10) -> dict:
+    arrays = {"train": _mnist_arrays(n_train, 0), "t10k": _mnist_arrays(n_test, 1)}
+    for prefix, (images, labels) in arrays.items():
+        _write(root / f"{prefix}-images-idx3-ubyte", _idx_images(images), gz)
+        _write(root / f"{prefix}-labels-idx1-ubyte", _idx_labels(labels), gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_mnist_synthetic(tmp_path: Path, gz: bool) -> None:
+    arrays = _write_mnist(tmp_path, gz=gz)
+    d = load_mnist(tmp_path)
+    assert d.name == "mnist" and d.input_shape == (1, 28, 28)
+    assert d.x_train.shape == (20, 1, 28, 28) and d.x_test.shape == (10, 1, 28, 28)
+    images, labels = arrays["train"]
+    assert np.array_equal((d.x_train[:, 0] * 255).round().numpy(), images)
+    assert np.array_equal(d.y_train.numpy(), labels)
+    assert np.array_equal(d.y_test.numpy(), arrays["t10k"][1])
+    assert load_dataset("mnist", str(tmp_path)).x_test.shape[0] == 10
+
+
+def test_mnist_truncated_file(tmp_path: Path) -> None:
+    _write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.*truncated"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_truncated_header(tmp_path: Path) -> None:
+    _write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00")
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_bad_magic(tmp_path: Path) -> None:
+    _write_mnist(tmp_path)
+    images, _ = _mnist_arrays(20, 0)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_images(images, magic=2049))
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.*magic"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_label_count_mismatch(tmp_path: Path) -> None:
+    _write_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_labels(np.zeros(19)))
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte.*19 labels"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_label_out_of_range(tmp_path: Path) -> None:
+    _write_mnist(tmp_path)
+    labels = np.zeros(10)
+    labels[3] = 10
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_labels(labels))
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.*0..9"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_missing_file_and_directory(tmp_path: Path) -> None:
+    _write_mnist(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte"):
+        load_mnist(tmp_path)
+    with pytest.raises(UserError, match="nowhere"):
+        load_mnist(tmp_path / "nowhere")
+
+
+def test_mnist_corrupt_gzip(tmp_path: Path) -> None:
+    _write_mnist(tmp_path, gz=True)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz.*gzip"):
+        load_mnist(tmp_path)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read anything")
+def test_mnist_unreadable_file(tmp_path: Path) -> None:
+    _write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.chmod(0)
+    try:
+        with pytest.raises(UserError, match="train-images-idx3-ubyte.*permission"):
+            load_mnist(tmp_path)
+    finally:
+        path.chmod(0o644)
+
+
+def test_permission_error_becomes_user_error(tmp_path: Path, monkeypatch) -> None:
+    _write_mnist(tmp_path)
+    real = Path.read_bytes
+
+    def refuse(self: Path) -> bytes:
+        if self.name == "t10k-labels-idx1-ubyte":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.*permission"):
+        load_mnist(tmp_path)
+
+
+# ---------------------------------------------------------------- CIFAR-10 binary batches
+
+
+def _cifar_batch(n: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)
+    records = np.concatenate([labels[:, None], images.reshape(n, -1)], axis=1)
+    return records.tobytes(), images, labels
+
+
+def _write_cifar(root: Path, n: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    arrays = {}
+    for seed, name in enumerate(names):
+        data, images, labels = _cifar_batch(n, seed)
+        (root / name).write_bytes(data)
+        arrays[name] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("subdir", [False, True])
+def test_load_cifar10_synthetic(tmp_path: Path, subdir: bool) -> None:
+    arrays = _write_cifar(tmp_path / "cifar-10-batches-bin" if subdir else tmp_path)
+    d = load_cifar10(tmp_path)
+    assert d.name == "cifar10" and d.input_shape == (3, 32, 32)
+    assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
+    images, labels = arrays["data_batch_2.bin"]
+    assert np.array_equal((d.x_train[4:8] * 255).round().numpy(), images)
+    assert np.array_equal(d.y_train[4:8].numpy(), labels)
+    assert np.array_equal(d.y_test.numpy(), arrays["test_batch.bin"][1])
+    assert load_dataset("cifar10", tmp_path).x_train.shape[0] == 20
+
+
+def test_cifar_truncated(tmp_path: Path) -> None:
+    _write_cifar(tmp_path)
+    path = tmp_path / "data_batch_3.bin"
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(UserError, match="data_batch_3.bin.*truncated"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar_bad_label_and_missing(tmp_path: Path) -> None:
+    _write_cifar(tmp_path)
+    path = tmp_path / "test_batch.bin"
+    data = bytearray(path.read_bytes())
+    data[0] = 12
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="test_batch.bin.*0..9"):
+        load_cifar10(tmp_path)
+    (tmp_path / "data_batch_5.bin").unlink()
+    with pytest.raises(UserError, match="data_batch_5.bin"):
+        load_cifar10(tmp_path)
+
+
+# ---------------------------------------------------------------- validate_tensors
+
+
+def _good() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(6, 1, 4, 4), torch.arange(6) % 3
+
+
+def test_validate_accepts_good_tensors() -> None:
+    validate_tensors(*_good(), num_classes=3, source="good")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda x, y: (x.index_fill(0, torch.tensor([1]), float("nan")), y),
+        lambda x, y: (x.index_fill(0, torch.tensor([2]), float("inf")), y),
+        lambda x, y: (x + 1.0, y),
+        lambda x, y: (x - 1.0, y),
+        lambda x, y: (x[:, 0], y),
+        lambda x, y: ((x * 255).to(torch.uint8), y),
+        lambda x, y: (x, y.float()),
+        lambda x, y: (x, y[:-1]),
+        lambda x, y: (x, y[:, None]),
+        lambda x, y: (x, y + 1),
+        lambda x, y: (x, y - 1),
+        lambda x, y: (x[:0], y[:0]),
+    ],
+)
+def test_validate_rejects_bad_tensors(bad) -> None:
+    x, y = bad(*_good())
+    with pytest.raises(UserError, match="my-source"):
+        validate_tensors(x, y, num_classes=3, source="my-source")
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_batches_cover_every_index_once_when_shuffled() -> None:
+    x = torch.arange(23, dtype=torch.float32)[:, None, None, None]
+    y = torch.arange(23)
+    got = list(batches(x, y, 5, shuffle=True, generator=_gen(0)))
+    assert [len(yb) for _, yb in got] == [5, 5, 5, 5, 3]
+    seen = torch.cat([yb for _, yb in got])
+    assert sorted(seen.tolist()) == list(range(23))
+    assert not torch.equal(seen, y)
+    for xb, yb in got:
+        assert torch.equal(xb.flatten().long(), yb)
+
+
+def test_batches_in_order_and_drop_last() -> None:
+    x, y = torch.rand(10, 1, 2, 2), torch.arange(10)
+    plain = list(batches(x, y, 4, shuffle=False))
+    assert [yb.tolist() for _, yb in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    dropped = list(batches(x, y, 4, shuffle=True, generator=_gen(1), drop_last=True))
+    assert [len(yb) for _, yb in dropped] == [4, 4]
+    assert list(batches(x, y, 20, shuffle=False, drop_last=True)) == []
+
+
+def test_batches_deterministic_with_seed() -> None:
+    x, y = torch.rand(17, 1, 2, 2), torch.arange(17)
+    a = [yb for _, yb in batches(x, y, 4, shuffle=True, generator=_gen(7))]
+    b = [yb for _, yb in batches(x, y, 4, shuffle=True, generator=_gen(7))]
+    c = [yb for _, yb in batches(x, y, 4, shuffle=True, generator=_gen(8))]
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=True))
+
+
+def test_batches_rejects_bad_batch_size() -> None:
+    x, y = torch.rand(4, 1, 2, 2), torch.arange(4)
+    for size in (0, -1, 2.5):
+        with pytest.raises(UserError):
+            list(batches(x, y, size, shuffle=False))
+
+
+# ---------------------------------------------------------------- random_crop_flip
+
+
+def test_random_crop_flip_shape_range_and_determinism() -> None:
+    x = torch.rand(16, 3, 8, 8)
+    a = random_crop_flip(x, _gen(3))
+    b = random_crop_flip(x, _gen(3))
+    c = random_crop_flip(x, _gen(4))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_random_crop_flip_identity_without_padding_or_flip() -> None:
+    x = torch.rand(5, 3, 6, 6)
+    assert torch.equal(random_crop_flip(x, _gen(0), padding=0, flip=False), x)
+
+
+def test_random_crop_flip_is_a_shift_or_mirror_per_sample() -> None:
+    x = torch.rand(32, 1, 6, 6)
+    flipped = random_crop_flip(x, _gen(5), padding=0)
+    for orig, out in zip(x, flipped, strict=True):
+        assert torch.equal(out, orig) or torch.equal(out, orig.flip(2))
+    assert any(not torch.equal(o, i) for o, i in zip(flipped, x, strict=True))
+    shifted = random_crop_flip(x, _gen(5), padding=2, flip=False)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for n in range(x.shape[0]):
+        windows = padded[n, 0].unfold(0, 6, 1).unfold(1, 6, 1).reshape(-1, 6, 6)
+        assert any(torch.equal(w, shifted[n, 0]) for w in windows)
