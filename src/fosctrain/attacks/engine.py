@@ -122,9 +122,9 @@ MIN_ROWS = 16
 def _pad_rows(idx: Tensor, n: int) -> Tensor:
     """Pad a compacted index set to at least MIN_ROWS rows (repeating its first row).
 
-    CPU BLAS and oneDNN switch to other kernels for batches of a few rows (measured: fewer than 12), whose
-    rounding differs; padding keeps every sample's gradient bit-identical to the one it gets in
-    the full batch, so compaction changes the cost and never the result.
+    CPU BLAS and oneDNN switch to other kernels for batches of a few rows (measured here: fewer
+    than 12), whose rounding differs; padding keeps every sample's gradient bit-identical to
+    the one it gets in the full batch, so compaction changes the cost and never the result.
     """
     short = min(MIN_ROWS, n) - idx.numel()
     if short <= 0:
