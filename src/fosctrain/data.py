@@ -12,7 +12,7 @@ import gzip
 import importlib.resources
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,7 +336,7 @@ def batches(
             yield x[index], y[index.to(y.device)]
 
 
-def _draw(generator: torch.Generator | None, fn, *args, **kwargs) -> Tensor:
+def _draw(generator: torch.Generator | None, fn: Callable[..., Tensor], *args, **kwargs) -> Tensor:
     """Draw random numbers on the generator's device (CPU by default)."""
     device = generator.device if generator is not None else torch.device("cpu")
     return fn(*args, generator=generator, device=device, **kwargs)
