@@ -29,9 +29,17 @@ def cw_margin(logits: Tensor, y: Tensor, kappa: float = CW_KAPPA) -> Tensor:
     return (other.amax(1) - z_y).clamp(min=-kappa)
 
 
+def kl_from_clean(logits: Tensor, p_clean: Tensor) -> Tensor:
+    """KL(p_clean || softmax(logits)) per sample: TRADES' inner objective, whose "labels" are
+    the clean predictive distributions."""
+    log_p = torch.log(p_clean.clamp_min(1e-12))
+    return (p_clean * (log_p - F.log_softmax(logits, dim=1))).sum(1)
+
+
 OBJECTIVES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "ce": cross_entropy,
     "cw": cw_margin,
+    "kl": kl_from_clean,
 }
 
 
@@ -44,13 +52,6 @@ def objective(name: str, targeted: bool = False) -> Callable[[Tensor, Tensor], T
     if not targeted:
         return fn
     return lambda logits, y: -fn(logits, y)
-
-
-def trades_kl(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
-    """Per-sample KL(p_clean || p_adv), the TRADES robustness term."""
-    return F.kl_div(
-        F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="none"
-    ).sum(1)
 
 
 def input_gradient(

@@ -1,0 +1,162 @@
+"""`fosc train`: options generated from fosctrain.config.Config, resolved as
+defaults < --preset < --config FILE < options given, then fosctrain.train.train."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fosctrain.config import FIELDS, PRESETS, Config, resolve
+from fosctrain.errors import UserError
+
+SPECIAL = {"lr_milestones", "model_kwargs", "c_max"}
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _c_max(text: str) -> float | str:
+    return "auto" if text == "auto" else float(text)
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _field_type(f: dataclasses.Field):
+    default = Config().__dict__[f.name]
+    kind = {"int": int, "float": float, "str": str}
+    ann = str(f.type)
+    base = next((k for name, k in kind.items() if ann.startswith(name)), str)
+    return _optional(base) if "None" in ann else base if default is not None else str
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), help="paper settings by name")
+    p.add_argument("--config", metavar="FILE", help="TOML file of options ([train] table or top)")
+    p.add_argument("--name", help="run name (default: METHOD-DATASET-TIMESTAMP)")
+    p.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--print-config", action="store_true", help="show the resolved config, exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=0, metavar="N", help="also save every N batches"
+    )
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    g = p.add_argument_group("training options (see --print-config for the values in use)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if f.name == "lr_milestones":
+            g.add_argument(flag, type=int, nargs="*", default=argparse.SUPPRESS, help=helptext)
+        elif f.name == "model_kwargs":
+            g.add_argument(flag, type=_json_dict, default=argparse.SUPPRESS, help="JSON object")
+        elif f.name == "c_max":
+            g.add_argument(flag, type=_c_max, default=argparse.SUPPRESS, help=helptext)
+        elif f.type == "bool" or isinstance(Config().__dict__[f.name], bool):
+            g.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=helptext,
+            )
+        else:
+            g.add_argument(flag, type=_field_type(f), default=argparse.SUPPRESS, help=helptext)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options given on the command line."""
+    return {k: v for k, v in vars(args).items() if k in FIELDS}
+
+
+def run_dir_for(args: argparse.Namespace, config: Config) -> Path:
+    """--resume DIR, or runs/NAME; a default name never collides with an existing run."""
+    if args.resume:
+        return Path(args.resume)
+    if args.name:
+        return Path(args.runs_dir) / args.name
+    stem = f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, i = Path(args.runs_dir) / stem, 1
+    while path.exists():
+        i += 1
+        path = Path(args.runs_dir) / f"{stem}-{i}"
+    return path
+
+
+def resume_config(args: argparse.Namespace) -> Config:
+    """On --resume the run's own config, with any options given checked against it later."""
+    from fosctrain.train import _stored_config
+
+    stored = _stored_config(Path(args.resume))
+    given = overrides(args)
+    return dataclasses.replace(stored, **given) if given else stored
+
+
+def run(args: argparse.Namespace) -> int:
+    from fosctrain.train import Interrupted, train
+
+    if args.resume and (args.preset or args.config):
+        raise UserError("--resume takes the run's own configuration; drop --preset/--config")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    config = (
+        resume_config(args) if args.resume else resolve(args.preset, args.config, overrides(args))
+    )
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return 0
+    run_dir = run_dir_for(args, config)
+    print(f"fosc: training {config.method} on {config.dataset} -> {run_dir}", file=sys.stderr)
+    try:
+        summary = train(
+            config,
+            run_dir,
+            resume=bool(args.resume),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every,
+            tensorboard=args.tensorboard,
+        )
+    except Interrupted as e:
+        print(f"fosc: {e}; resume with: fosc train --resume {run_dir}", file=sys.stderr)
+        return 130
+    print(report(summary))
+    return 0
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The lines `fosc train` ends with."""
+    final = summary["final"] or {}
+    n = summary["eval_n"]
+
+    def pct(key: str) -> str:
+        v = final.get(key, float("nan"))
+        return f"{100 * v:.1f}%"
+
+    lines = [
+        f"run:                 {summary['run_dir']}",
+        f"clean accuracy:      {pct('test_clean_acc')} on {n} held-out examples",
+        f"PGD-20 accuracy:     {pct('test_robust_acc')} ({summary['eval_attack']})",
+        f"gradient evaluations: {summary['grad_evals']:,} "
+        f"({summary['attack_grad_evals']:,} in attacks), {summary['time_s']:.0f} s",
+    ]
+    if summary.get("c_max") is not None:
+        lines.append(f"DAT c_max:           {summary['c_max']:.4g}")
+    return "\n".join(lines)

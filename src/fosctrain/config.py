@@ -1,0 +1,253 @@
+"""Training configuration: one dataclass of plain data, named presets, TOML files, validation.
+
+Resolution order: defaults < preset < TOML file < command-line options. Every value is
+checked by `validate`, which raises UserError with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fosctrain.errors import UserError
+
+METHODS = ("natural", "madry", "cat", "dat", "fat", "trades", "fast")
+
+
+@dataclass
+class Config:
+    """Everything a training run depends on (the config hash covers all but `run` fields)."""
+
+    method: str = field(default="dat", metadata={"help": f"training method: {', '.join(METHODS)}"})
+    dataset: str = field(default="mnist5k", metadata={"help": "mnist5k (embedded), mnist, cifar10"})
+    data_dir: str | None = field(default=None, metadata={"help": "directory of MNIST/CIFAR files"})
+    model: str = field(default="mnist-cnn", metadata={"help": "model registry name"})
+    model_kwargs: dict = field(default_factory=dict, metadata={"help": "extra model options"})
+    num_classes: int = 10
+    epochs: int = field(default=10, metadata={"help": "training epochs T"})
+    batch_size: int = 64
+    optimizer: str = field(default="sgd", metadata={"help": "sgd or adam"})
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = field(default="multistep", metadata={"help": "multistep, cosine, constant"})
+    lr_milestones: list = field(default_factory=list, metadata={"help": "epochs where lr /= 10"})
+    lr_gamma: float = 0.1
+    augment: bool = field(default=False, metadata={"help": "random shifts and flips (CIFAR)"})
+    eps: float = field(default=0.3, metadata={"help": "L-inf (or L2) radius of the threat set"})
+    alpha: float | None = field(default=None, metadata={"help": "PGD step size (default eps/4)"})
+    steps: int = field(default=10, metadata={"help": "PGD steps K for training examples"})
+    norm: str = field(default="linf", metadata={"help": "linf or l2"})
+    random_start: bool = True
+    fosc_box: bool = field(default=False, metadata={"help": "exact box-aware FOSC"})
+    c_max: float | str = field(
+        default=0.5, metadata={"help": "DAT: FOSC target at epoch 0, or auto"}
+    )
+    c_max_quantile: float = field(
+        default=0.5, metadata={"help": "DAT --c-max auto: quantile of step-1 FOSC at the start"}
+    )
+    t_prime: int | None = field(
+        default=None, metadata={"help": "DAT/CAT/FAT: epochs T' the schedule takes (default 5T/6)"}
+    )
+    schedule_unit: str = field(default="epoch", metadata={"help": "epoch or iteration"})
+    fosc_from_random_start: bool = field(
+        default=False, metadata={"help": "official-code quirk: FOSC around the random start"}
+    )
+    loss_weighting: bool = field(
+        default=False, metadata={"help": "official-code quirk: weight loss by its own CE"}
+    )
+    first_step_always: bool = field(
+        default=False, metadata={"help": "official-code quirk: FOSC check only after step 1"}
+    )
+    fat_tau: int = field(default=0, metadata={"help": "FAT: tau at epoch 0"})
+    fat_tau_max: int = field(default=3, metadata={"help": "FAT: tau reached at epoch T'"})
+    trades_beta: float = 6.0
+    fast_alpha: float | None = field(default=None, metadata={"help": "Fast-AT step (1.25 eps)"})
+    eval_n: int = field(default=1000, metadata={"help": "test examples evaluated per epoch"})
+    eval_steps: int = field(default=20, metadata={"help": "PGD steps of the per-epoch test"})
+    eval_every: int = 1
+    seed: int = 0
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    skip_nonfinite: bool = field(
+        default=False, metadata={"help": "skip a batch with NaN/inf loss instead of stopping"}
+    )
+    amp: str | None = field(default=None, metadata={"help": "autocast dtype: bf16 or fp16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    sync_bn: bool = field(default=False, metadata={"help": "SyncBatchNorm under DDP"})
+
+    @property
+    def step_size(self) -> float:
+        return self.eps / 4 if self.alpha is None else self.alpha
+
+    @property
+    def schedule_epochs(self) -> int:
+        """T': the epochs over which DAT's c_t, CAT's steps and FAT's tau move."""
+        if self.t_prime is not None:
+            return self.t_prime
+        return max(1, round(self.epochs * 5 / 6))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identity of what is trained: everything except where and how fast it runs."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+RUNTIME_FIELDS = frozenset({"device", "threads", "eval_every", "compile"})
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mnist-paper": dict(
+        dataset="mnist",
+        model="mnist-cnn",
+        epochs=50,
+        batch_size=128,
+        lr=0.01,
+        lr_milestones=[20, 40],
+        eps=0.3,
+        alpha=0.075,
+        steps=10,
+        t_prime=40,
+    ),
+    "cifar10-cnn-paper": dict(
+        dataset="cifar10",
+        model="cifar-cnn8",
+        epochs=120,
+        batch_size=128,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        lr_milestones=[60, 100],
+        eps=0.031,
+        alpha=0.031 / 4,
+        steps=10,
+        c_max=0.5,
+        t_prime=100,
+        augment=True,
+    ),
+    "cifar10-wrn-paper": dict(
+        dataset="cifar10",
+        model="wrn-34-10",
+        epochs=120,
+        batch_size=128,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        lr_milestones=[60, 100],
+        eps=0.031,
+        alpha=0.031 / 4,
+        steps=10,
+        c_max=0.5,
+        t_prime=100,
+        augment=True,
+    ),
+}
+for _preset in PRESETS.values():
+    _preset.setdefault("method", "dat")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def apply(config: Config, overrides: dict[str, Any], source: str) -> Config:
+    """A copy of config with overrides applied; unknown keys name their source."""
+    unknown = sorted(set(overrides) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Options from a TOML file (keys as in Config, dashes or underscores)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+    data = data.get("train", data)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(
+    preset: str | None = None, toml_path: str | None = None, overrides: dict | None = None
+) -> Config:
+    """Defaults < preset < TOML < overrides, validated."""
+    config = Config()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        config = apply(config, PRESETS[preset], f"preset {preset}")
+    if toml_path is not None:
+        config = apply(config, load_toml(toml_path), str(toml_path))
+    config = apply(config, overrides or {}, "command line")
+    validate(config)
+    return config
+
+
+def _positive(name: str, value: Any, integer: bool = False, zero_ok: bool = False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok_type and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if zero_ok else value > 0)
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        raise UserError(f"{name} must be {kind} {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def validate(c: Config) -> None:
+    """Raise UserError (one line) for any value that cannot work."""
+    from fosctrain.data import DATASET_NAMES
+    from fosctrain.models import list_models
+
+    _choice("method", c.method, METHODS)
+    _choice("dataset", c.dataset, tuple(DATASET_NAMES))
+    _choice("model", c.model, tuple(list_models()))
+    _choice("optimizer", c.optimizer, ("sgd", "adam"))
+    _choice("lr schedule", c.lr_schedule, ("multistep", "cosine", "constant"))
+    _choice("norm", c.norm, ("linf", "l2"))
+    _choice("schedule unit", c.schedule_unit, ("epoch", "iteration"))
+    _choice("amp dtype", c.amp, (None, "bf16", "fp16"))
+    for name in ("epochs", "batch_size", "steps", "eval_steps", "eval_every", "num_classes"):
+        _positive(name, getattr(c, name), integer=True)
+    for name in ("lr", "eps", "lr_gamma"):
+        _positive(name, getattr(c, name))
+    for name in ("momentum", "weight_decay", "trades_beta"):
+        _positive(name, getattr(c, name), zero_ok=True)
+    _positive("eval_n", c.eval_n, integer=True, zero_ok=True)
+    _positive("seed", c.seed, integer=True, zero_ok=True)
+    for name in ("fat_tau", "fat_tau_max"):
+        _positive(name, getattr(c, name), integer=True, zero_ok=True)
+    if c.norm == "linf" and c.eps > 1:
+        raise UserError(f"eps must be <= 1 for L-inf on [0,1] images, got {c.eps}")
+    for name in ("alpha", "fast_alpha", "t_prime", "threads"):
+        if getattr(c, name) is not None:
+            _positive(name, getattr(c, name), integer=name in ("t_prime", "threads"))
+    if c.c_max != "auto":
+        _positive("c_max", c.c_max, zero_ok=True)
+    if not 0 < c.c_max_quantile < 1:
+        raise UserError(f"c_max_quantile must be in (0, 1), got {c.c_max_quantile}")
+    if not isinstance(c.lr_milestones, list) or not all(
+        isinstance(m, int) and m > 0 for m in c.lr_milestones
+    ):
+        raise UserError(f"lr_milestones must be a list of positive epochs, got {c.lr_milestones!r}")
+    if not isinstance(c.model_kwargs, dict):
+        raise UserError(f"model_kwargs must be a table/dict, got {c.model_kwargs!r}")
+    if c.dataset != "mnist5k" and c.data_dir is None:
+        raise UserError(f"dataset {c.dataset} needs --data-dir (nothing is downloaded)")

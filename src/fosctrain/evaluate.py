@@ -1,0 +1,764 @@
+"""Robust accuracy of a model under a suite of attacks, with confidence intervals and
+gradient-masking sanity checks.
+
+`evaluate` runs, for every eps: a clean pass, FGSM, PGD (with restarts), C&W-inf (PGD on the
+C&W margin), optionally AutoAttack (torchattacks) and a black-box transfer attack (PGD crafted
+on another model). Every accuracy carries a 95% Wilson score interval. An example counts as
+robust in `worst_case` only if it is classified correctly clean and under every attack run
+(all restarts, AutoAttack and transfer included): the AND of the per-example correct masks.
+
+Step sizes: FGSM takes one step of eps; PGD and C&W use alpha = 2.5 * eps / steps (Madry et
+al. 2018: the steps can cross the ball 2.5 times, so random starts at a corner still reach
+the far side) unless an explicit `alpha` is given. FOSC statistics are those of PGD's final
+points (final_fosc=True), box-aware by default because evaluation points are clipped to
+[0, 1] and the paper's closed form stays large at clipped pixels even when PGD has converged.
+
+Sanity checks (on by default; each adds a warning with its numbers to `report.warnings`):
+- FGSM stronger than PGD by more than CHECK_MARGIN: a one-step attack beating PGD points to
+  masked or noisy gradients.
+- A stronger PGD (2x steps at half the step size, one more restart) on the first `check_n`
+  examples lowers accuracy by more than CHECK_MARGIN: PGD has not converged.
+- PGD accuracy at a large budget, LARGE_EPS = min(1, max(0.5, 4 x the largest eps)) for
+  L-inf (4 x the largest eps for L2), is above LARGE_EPS_MAX_ACC (10%): at eps 0.5 every
+  pixel of near-binary data can be moved to grey, at eps 1 the ball is the whole image box,
+  so a working attack reaches ~0%.
+- The transfer attack beats white-box PGD by more than CHECK_MARGIN.
+- PGD's final mean FOSC is above FOSC_RATIO_MAX (50%) of its mean at the first (random
+  start) point: the attack has not converged.
+- The input gradient is exactly zero (FOSC 0) at PGD's random start for more than
+  ZERO_GRAD_MAX (50%) of the examples: PGD cannot move (masked or saturated gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from fosctrain.attacks import FGSM, PGD, PGDL2, CWInf, attack_mode
+from fosctrain.errors import UserError
+from fosctrain.files import atomic_write_json, atomic_write_text
+from fosctrain.fosc import fosc_stats
+
+ATTACK_NAMES = ("fgsm", "pgd", "cw")
+L2_ATTACKS = ("pgd",)
+Z95 = 1.959963984540054
+CHECK_MARGIN = 0.03
+LARGE_EPS_MAX_ACC = 0.10
+FOSC_RATIO_MAX = 0.5
+ZERO_GRAD_MAX = 0.5
+CHECK_N = 256
+AUTOATTACK_HINT = (
+    "AutoAttack needs torchattacks: pip install 'fosctrain[autoattack]' (with --no-deps, "
+    "see README)"
+)
+CSV_COLUMNS = ("eps", "attack", "acc", "ci_low", "ci_high", "correct", "n")
+
+
+def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion: sensible also at 0% and 100%,
+    where the normal approximation collapses to a zero-width interval."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+@dataclass
+class Accuracy:
+    """How many of n examples were classified correctly, with a 95% Wilson interval."""
+
+    correct: int
+    n: int
+
+    @classmethod
+    def of(cls, mask: Tensor) -> Accuracy:
+        return cls(int(mask.sum()), int(mask.numel()))
+
+    @property
+    def acc(self) -> float:
+        return self.correct / self.n if self.n else float("nan")
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson_interval(self.correct, self.n)
+
+    def to_dict(self) -> dict:
+        lo, hi = self.ci
+        return {"acc": self.acc, "ci_low": lo, "ci_high": hi, "correct": self.correct, "n": self.n}
+
+
+@dataclass
+class EpsResult:
+    """Everything measured at one budget eps."""
+
+    eps: float
+    clean: Accuracy
+    attacks: dict[str, Accuracy]
+    worst_case: Accuracy
+    fosc: dict[str, float]
+    settings: dict[str, dict]
+    checks: dict[str, float]
+    time_s: dict[str, float]
+
+    def rows(self) -> list[tuple[str, Accuracy]]:
+        """(name, accuracy) for the clean pass, every attack and the worst case."""
+        return [("clean", self.clean), *self.attacks.items(), ("worst_case", self.worst_case)]
+
+    def to_dict(self) -> dict:
+        return {
+            "eps": self.eps,
+            "clean": self.clean.to_dict(),
+            "attacks": {k: v.to_dict() for k, v in self.attacks.items()},
+            "worst_case": self.worst_case.to_dict(),
+            "fosc": self.fosc,
+            "settings": self.settings,
+            "checks": self.checks,
+            "time_s": self.time_s,
+        }
+
+
+@dataclass
+class EvalReport:
+    """The result of `evaluate`: per-eps results, global settings, check numbers, warnings."""
+
+    n: int
+    norm: str
+    seed: int
+    results: list[EpsResult]
+    settings: dict
+    checks: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    time_s: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "n": self.n,
+            "norm": self.norm,
+            "seed": self.seed,
+            "settings": self.settings,
+            "results": [r.to_dict() for r in self.results],
+            "checks": self.checks,
+            "warnings": list(self.warnings),
+            "time_s": self.time_s,
+            "meta": self.meta,
+        }
+
+
+@dataclass
+class _Config:
+    """The options of one evaluate() call, passed around together."""
+
+    attacks: tuple[str, ...]
+    pgd_steps: int
+    pgd_restarts: int
+    cw_steps: int
+    alpha: float | None
+    batch_size: int
+    norm: str
+    seed: int
+    fosc_box: bool
+    check_n: int
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_eps(eps_list: Sequence[float], norm: str = "linf") -> list[float]:
+    """Budgets as floats; UserError for an empty list, NaN, <= 0 or (L-inf) > 1."""
+    values = list(eps_list)
+    if not values:
+        raise UserError("give at least one eps")
+    out = []
+    for eps in values:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+            raise UserError(f"eps must be a finite number, got {eps!r}")
+        if eps <= 0 or (norm == "linf" and eps > 1):
+            limit = "in (0, 1] for L-inf on [0, 1] pixels" if norm == "linf" else "positive"
+            raise UserError(f"eps must be {limit}, got {eps!r}")
+        out.append(float(eps))
+    return out
+
+
+def _validate(cfg: _Config, n: int) -> None:
+    if cfg.norm not in ("linf", "l2"):
+        raise UserError(f"unknown norm {cfg.norm!r}; choose 'linf' or 'l2'")
+    allowed = ATTACK_NAMES if cfg.norm == "linf" else L2_ATTACKS
+    for name in cfg.attacks:
+        if name not in allowed:
+            raise UserError(f"unknown attack {name!r} for norm {cfg.norm}; choose from {allowed}")
+    if len(set(cfg.attacks)) != len(cfg.attacks):
+        raise UserError(f"attacks listed twice: {list(cfg.attacks)}")
+    for what, value in (
+        ("pgd_steps", cfg.pgd_steps),
+        ("pgd_restarts", cfg.pgd_restarts),
+        ("cw_steps", cfg.cw_steps),
+        ("batch_size", cfg.batch_size),
+        ("check_n", cfg.check_n),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{what} must be an integer >= 1, got {value!r}")
+    if cfg.alpha is not None and not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
+        raise UserError(f"alpha must be a positive finite number, got {cfg.alpha!r}")
+    if n == 0:
+        raise UserError("no examples to evaluate")
+
+
+def _check_data(x: Tensor, y: Tensor) -> None:
+    if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise UserError(
+            f"expected x as N x ... and y as N labels, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise UserError("inputs must lie in [0, 1] (attacks clip to that box)")
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def _generator(seed: int, *keys: object) -> torch.Generator:
+    """A generator seeded from the run seed and a stable name of what it is used for."""
+    tag = "/".join(str(k) for k in (seed, *keys)).encode()
+    return torch.Generator().manual_seed(zlib.crc32(tag))
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _spans(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Per-example correctness of the model's prediction (no autograd), on the CPU."""
+    dev = _device(model)
+    with torch.no_grad():
+        return (model(x.to(dev)).argmax(1) == y.to(dev)).cpu()
+
+
+def _pgd_alpha(cfg: _Config, eps: float, steps: int) -> float:
+    return cfg.alpha if cfg.alpha is not None else 2.5 * eps / steps
+
+
+def _make_attack(name: str, eps: float, cfg: _Config, steps: int | None = None) -> PGD:
+    """The attack `name` at budget eps with the evaluation's step sizes."""
+    if name == "fgsm":
+        return FGSM(eps=eps)
+    steps = steps or (cfg.cw_steps if name == "cw" else cfg.pgd_steps)
+    alpha = _pgd_alpha(cfg, eps, steps)
+    if name == "cw":
+        return CWInf(eps=eps, alpha=alpha, steps=steps, fosc_box=cfg.fosc_box)
+    cls = PGDL2 if cfg.norm == "l2" else PGD
+    return cls(eps=eps, alpha=alpha, steps=steps, final_fosc=True, fosc_box=cfg.fosc_box)
+
+
+@dataclass
+class _AttackOutcome:
+    correct: Tensor
+    fosc: Tensor
+    first_fosc: Tensor
+
+
+def _run(
+    model: nn.Module,
+    attack: PGD,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    bar: tqdm,
+    craft_on: nn.Module | None = None,
+) -> _AttackOutcome:
+    """Attack every batch (crafted on `craft_on`, default the model itself) and record the
+    model's correctness at the adversarial points plus their FOSC."""
+    source = craft_on if craft_on is not None else model
+    dev = _device(source)
+    correct, final, first = [], [], []
+    for span in _spans(x.shape[0], batch_size):
+        xb, yb = x[span].to(dev), y[span].to(dev)
+        res = attack(source, xb, yb, generator=generator)
+        correct.append(_correct(model, res.x_adv, yb))
+        final.append(res.fosc.cpu())
+        first.append(res.fosc_trace[0].cpu())
+        bar.update(1)
+    return _AttackOutcome(torch.cat(correct), torch.cat(final), torch.cat(first))
+
+
+def _run_restarts(
+    model: nn.Module,
+    attack: PGD,
+    x: Tensor,
+    y: Tensor,
+    cfg: _Config,
+    restarts: int,
+    bar: tqdm,
+    *keys: object,
+) -> tuple[Tensor, _AttackOutcome]:
+    """Run `restarts` independent random starts; an example survives only if it survives all.
+    Returns the AND mask and the first restart's outcome (for its FOSC)."""
+    mask, first = None, None
+    for r in range(restarts):
+        out = _run(model, attack, x, y, cfg.batch_size, _generator(cfg.seed, *keys, r), bar)
+        if first is None:
+            first = out
+        mask = out.correct if mask is None else mask & out.correct
+    return mask, first
+
+
+def _autoattack_correct(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, cfg: _Config, bar: tqdm
+) -> Tensor:
+    """AutoAttack (standard version, torchattacks) correctness per example."""
+    try:
+        import torchattacks
+    except ImportError:
+        raise UserError(AUTOATTACK_HINT) from None
+    dev = _device(model)
+    with torch.no_grad():
+        n_classes = int(model(x[:1].to(dev)).shape[1])
+    atk = torchattacks.AutoAttack(
+        model,
+        norm="Linf" if cfg.norm == "linf" else "L2",
+        eps=eps,
+        version="standard",
+        n_classes=n_classes,
+        seed=cfg.seed,
+    )
+    correct = []
+    for span in _spans(x.shape[0], cfg.batch_size):
+        xb, yb = x[span].to(dev), y[span].to(dev)
+        correct.append(_correct(model, atk(xb, yb), yb))
+        bar.update(1)
+    return torch.cat(correct)
+
+
+def _fosc_summary(out: _AttackOutcome) -> dict[str, float]:
+    """Final-point FOSC statistics and the first-point mean they are compared with."""
+    stats = fosc_stats(out.fosc)
+    first = out.first_fosc[~torch.isnan(out.first_fosc)].double()
+    first_mean = first.mean().item() if first.numel() else float("nan")
+    stats["first_step_mean"] = first_mean
+    stats["ratio"] = stats["mean"] / first_mean if first_mean > 0 else float("nan")
+    stats["zero_grad_frac"] = (first == 0).double().mean().item() if first.numel() else 0.0
+    return stats
+
+
+# ---------------------------------------------------------------- one eps
+
+
+@dataclass
+class _EpsContext:
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    clean: Tensor
+    cfg: _Config
+    bar: tqdm
+    source_model: nn.Module | None
+    autoattack: bool
+    checks: bool
+
+
+def _evaluate_eps(ctx: _EpsContext, index: int, eps: float) -> tuple[EpsResult, list[str]]:
+    """All attacks at one budget, their worst case, FOSC and the per-eps checks."""
+    cfg, accs, settings, timing = ctx.cfg, {}, {}, {}
+    worst = ctx.clean.clone()
+    pgd_out: _AttackOutcome | None = None
+    pgd_mask: Tensor | None = None
+    for name in cfg.attacks:
+        ctx.bar.set_description(f"eps={eps:g} {name}")
+        attack = _make_attack(name, eps, cfg)
+        restarts = cfg.pgd_restarts if name == "pgd" else 1
+        start = time.perf_counter()
+        mask, out = _run_restarts(
+            ctx.model, attack, ctx.x, ctx.y, cfg, restarts, ctx.bar, index, name
+        )
+        timing[name] = time.perf_counter() - start
+        settings[name] = {**attack.describe(), "restarts": restarts}
+        accs[name] = Accuracy.of(mask)
+        worst &= mask
+        if name == "pgd":
+            pgd_out, pgd_mask = out, mask
+    if ctx.autoattack:
+        ctx.bar.set_description(f"eps={eps:g} autoattack")
+        start = time.perf_counter()
+        mask = _autoattack_correct(ctx.model, ctx.x, ctx.y, eps, cfg, ctx.bar)
+        timing["autoattack"] = time.perf_counter() - start
+        settings["autoattack"] = {
+            "name": "AutoAttack",
+            "version": "standard",
+            "eps": eps,
+            "norm": cfg.norm,
+            "seed": cfg.seed,
+            "library": "torchattacks",
+        }
+        accs["autoattack"] = Accuracy.of(mask)
+        worst &= mask
+    if ctx.source_model is not None:
+        ctx.bar.set_description(f"eps={eps:g} transfer")
+        attack = _make_attack("pgd", eps, cfg)
+        start = time.perf_counter()
+        out = _run(
+            ctx.model,
+            attack,
+            ctx.x,
+            ctx.y,
+            cfg.batch_size,
+            _generator(cfg.seed, index, "transfer"),
+            ctx.bar,
+            craft_on=ctx.source_model,
+        )
+        timing["transfer"] = time.perf_counter() - start
+        settings["transfer"] = {**attack.describe(), "restarts": 1, "crafted_on": "source_model"}
+        accs["transfer"] = Accuracy.of(out.correct)
+        worst &= out.correct
+    fosc = _fosc_summary(pgd_out) if pgd_out is not None else {}
+    numbers: dict[str, float] = {}
+    warnings: list[str] = []
+    if ctx.checks:
+        numbers, warnings = _eps_checks(ctx, index, eps, accs, fosc, pgd_mask)
+    result = EpsResult(
+        eps, Accuracy.of(ctx.clean), accs, Accuracy.of(worst), fosc, settings, numbers, timing
+    )
+    return result, warnings
+
+
+# ---------------------------------------------------------------- sanity checks
+
+
+def _eps_checks(
+    ctx: _EpsContext,
+    index: int,
+    eps: float,
+    accs: dict[str, Accuracy],
+    fosc: dict[str, float],
+    pgd_mask: Tensor | None,
+) -> tuple[dict[str, float], list[str]]:
+    """The per-eps gradient-masking checks: their numbers and the warnings they raise."""
+    numbers: dict[str, float] = {}
+    warnings: list[str] = []
+    pgd = accs.get("pgd")
+    if pgd is not None and "fgsm" in accs:
+        warnings += _check_fgsm(eps, accs["fgsm"].acc, pgd.acc, ctx.cfg.pgd_steps)
+    if pgd_mask is not None:
+        numbers.update(_stronger_pgd(ctx, index, eps, pgd_mask))
+        warnings += _check_stronger(eps, numbers, ctx.cfg)
+    if pgd is not None and "transfer" in accs:
+        warnings += _check_transfer(eps, accs["transfer"].acc, pgd.acc)
+    if fosc:
+        warnings += _check_fosc(eps, fosc)
+    return numbers, warnings
+
+
+def _check_fgsm(eps: float, fgsm: float, pgd: float, steps: int) -> list[str]:
+    if fgsm >= pgd - CHECK_MARGIN:
+        return []
+    return [
+        f"eps={eps:g}: FGSM accuracy {fgsm:.1%} is below PGD-{steps} accuracy {pgd:.1%} by "
+        f"more than {CHECK_MARGIN:.0%}: a one-step attack should not beat PGD (masked or "
+        "noisy gradients, or a PGD step size that is too small)"
+    ]
+
+
+def _stronger_pgd(ctx: _EpsContext, index: int, eps: float, pgd_mask: Tensor) -> dict:
+    """PGD with twice the steps at half the step size and one more restart, on the first
+    check_n examples; its result is ANDed with the main PGD's on the same examples."""
+    cfg = ctx.cfg
+    m = min(cfg.check_n, ctx.x.shape[0])
+    steps, restarts = 2 * cfg.pgd_steps, cfg.pgd_restarts + 1
+    ctx.bar.set_description(f"eps={eps:g} check: PGD-{steps} x{restarts}")
+    attack = _make_attack("pgd", eps, cfg, steps=steps)
+    attack.alpha = _pgd_alpha(cfg, eps, cfg.pgd_steps) / 2
+    strong, _ = _run_restarts(
+        ctx.model, attack, ctx.x[:m], ctx.y[:m], cfg, restarts, ctx.bar, index, "check-stronger"
+    )
+    base = Accuracy.of(pgd_mask[:m]).acc
+    combined = Accuracy.of(pgd_mask[:m] & strong).acc
+    return {
+        "stronger_n": m,
+        "stronger_steps": steps,
+        "stronger_restarts": restarts,
+        "stronger_alpha": attack.step_size,
+        "pgd_acc_subset": base,
+        "stronger_acc_subset": combined,
+    }
+
+
+def _check_stronger(eps: float, numbers: dict, cfg: _Config) -> list[str]:
+    base, strong = numbers["pgd_acc_subset"], numbers["stronger_acc_subset"]
+    if base - strong <= CHECK_MARGIN:
+        return []
+    return [
+        f"eps={eps:g}: a stronger PGD ({numbers['stronger_steps']} steps, "
+        f"{numbers['stronger_restarts']} restarts) lowers accuracy on the first "
+        f"{numbers['stronger_n']} examples from {base:.1%} to {strong:.1%} (more than "
+        f"{CHECK_MARGIN:.0%}): PGD-{cfg.pgd_steps} x{cfg.pgd_restarts} has not converged and "
+        "overestimates robustness"
+    ]
+
+
+def _check_transfer(eps: float, transfer: float, pgd: float) -> list[str]:
+    if transfer >= pgd - CHECK_MARGIN:
+        return []
+    return [
+        f"eps={eps:g}: the transfer attack (PGD crafted on the source model) gives accuracy "
+        f"{transfer:.1%}, below white-box PGD's {pgd:.1%} by more than {CHECK_MARGIN:.0%}: "
+        "the model's own gradients are probably masked"
+    ]
+
+
+def _check_fosc(eps: float, fosc: dict[str, float]) -> list[str]:
+    out = []
+    ratio = fosc.get("ratio", float("nan"))
+    if math.isfinite(ratio) and ratio > FOSC_RATIO_MAX:
+        out.append(
+            f"eps={eps:g}: PGD's final mean FOSC {fosc['mean']:.4g} is {ratio:.0%} of its "
+            f"first-step mean {fosc['first_step_mean']:.4g} (more than {FOSC_RATIO_MAX:.0%}): "
+            "the attack has not converged (try more steps or a smaller step size)"
+        )
+    zero = fosc.get("zero_grad_frac", 0.0)
+    if zero > ZERO_GRAD_MAX:
+        out.append(
+            f"eps={eps:g}: the input gradient is exactly zero at PGD's random start for "
+            f"{zero:.0%} of the examples: PGD cannot move (masked gradients, e.g. quantized "
+            "inputs, or a saturated softmax; try the cw attack)"
+        )
+    return out
+
+
+def large_eps(eps_list: Sequence[float], norm: str = "linf") -> float:
+    """The budget of the large-eps check: min(1, max(0.5, 4 max eps)) for L-inf on [0, 1]
+    pixels, 4 max eps for L2."""
+    top = 4 * max(eps_list)
+    return min(1.0, max(0.5, top)) if norm == "linf" else top
+
+
+def _check_large_eps(ctx: _EpsContext, eps_list: list[float]) -> tuple[dict, list[str]]:
+    """PGD accuracy at a budget where any working attack reaches ~0%."""
+    cfg = ctx.cfg
+    eps = large_eps(eps_list, cfg.norm)
+    m = min(cfg.check_n, ctx.x.shape[0])
+    ctx.bar.set_description(f"check: eps={eps:g}")
+    attack = _make_attack("pgd", eps, cfg)
+    if cfg.alpha is not None:
+        attack.alpha = 2.5 * eps / cfg.pgd_steps
+    mask, _ = _run_restarts(ctx.model, attack, ctx.x[:m], ctx.y[:m], cfg, 1, ctx.bar, "large")
+    acc = Accuracy.of(mask).acc
+    numbers = {
+        "large_eps": eps,
+        "large_eps_n": m,
+        "large_eps_acc": acc,
+        "large_eps_alpha": attack.step_size,
+    }
+    if acc <= LARGE_EPS_MAX_ACC:
+        return numbers, []
+    return numbers, [
+        f"eps={eps:g} (large budget check): PGD-{cfg.pgd_steps} accuracy is {acc:.1%} on the "
+        f"first {m} examples, above {LARGE_EPS_MAX_ACC:.0%}; at this budget a working attack "
+        "reaches ~0%: gradients are probably masked"
+    ]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _batches_per_eps(cfg: _Config, n: int, autoattack: bool, transfer: bool, checks: bool) -> int:
+    nb = len(_spans(n, cfg.batch_size))
+    units = sum(cfg.pgd_restarts if a == "pgd" else 1 for a in cfg.attacks)
+    units += int(autoattack) + int(transfer)
+    total = units * nb
+    if checks and "pgd" in cfg.attacks:
+        total += (cfg.pgd_restarts + 1) * len(_spans(min(cfg.check_n, n), cfg.batch_size))
+    return total
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps_list: Sequence[float],
+    attacks: Sequence[str] = ATTACK_NAMES,
+    pgd_steps: int = 20,
+    pgd_restarts: int = 1,
+    cw_steps: int = 30,
+    alpha: float | None = None,
+    batch_size: int = 500,
+    norm: str = "linf",
+    seed: int = 0,
+    autoattack: bool = False,
+    source_model: nn.Module | None = None,
+    checks: bool = True,
+    check_n: int = CHECK_N,
+    fosc_box: bool = True,
+    progress: bool = True,
+) -> EvalReport:
+    """Clean and robust accuracy of `model` on (x, y) at every eps of `eps_list`.
+
+    `alpha` (absolute) overrides the default step size 2.5 * eps / steps of PGD and C&W.
+    `source_model` adds a black-box transfer attack (PGD crafted on it). The model runs in eval
+    mode with frozen parameters; both are restored afterwards.
+    """
+    cfg = _Config(
+        tuple(attacks),
+        pgd_steps,
+        pgd_restarts,
+        cw_steps,
+        alpha,
+        batch_size,
+        norm,
+        seed,
+        fosc_box,
+        check_n,
+    )
+    _validate(cfg, int(x.shape[0]))
+    eps_values = validate_eps(eps_list, norm)
+    _check_data(x, y)
+    if autoattack:
+        _require_torchattacks()
+    x, y = x.detach().cpu(), y.detach().cpu()
+    start = time.perf_counter()
+    total = len(eps_values) * _batches_per_eps(
+        cfg, x.shape[0], autoattack, source_model is not None, checks
+    )
+    if checks and "pgd" in cfg.attacks:
+        total += len(_spans(min(check_n, x.shape[0]), batch_size))
+    bar = tqdm(total=total, disable=None if progress else True, unit="batch", leave=False)
+    with bar, attack_mode(model), _maybe_attack_mode(source_model):
+        clean = torch.cat([_correct(model, x[s], y[s]) for s in _spans(x.shape[0], batch_size)])
+        ctx = _EpsContext(model, x, y, clean, cfg, bar, source_model, autoattack, checks)
+        results, warnings = [], []
+        for i, eps in enumerate(eps_values):
+            result, found = _evaluate_eps(ctx, i, eps)
+            results.append(result)
+            warnings += found
+        global_checks: dict = {}
+        if checks and "pgd" in cfg.attacks:
+            global_checks, found = _check_large_eps(ctx, eps_values)
+            warnings += found
+    settings = _settings(cfg, eps_values, autoattack, source_model is not None, checks)
+    return EvalReport(
+        int(x.shape[0]),
+        norm,
+        seed,
+        results,
+        settings,
+        global_checks,
+        warnings,
+        time.perf_counter() - start,
+    )
+
+
+def _require_torchattacks() -> None:
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        raise UserError(AUTOATTACK_HINT) from None
+
+
+def _maybe_attack_mode(model: nn.Module | None) -> contextlib.AbstractContextManager:
+    return attack_mode(model) if model is not None else contextlib.nullcontext()
+
+
+def _settings(
+    cfg: _Config, eps: list[float], autoattack: bool, transfer: bool, checks: bool
+) -> dict:
+    """The evaluation's options, for eval.json (per-attack settings live in each result)."""
+    return {
+        "eps_list": eps,
+        "attacks": list(cfg.attacks),
+        "pgd_steps": cfg.pgd_steps,
+        "pgd_restarts": cfg.pgd_restarts,
+        "cw_steps": cfg.cw_steps,
+        "alpha": cfg.alpha,
+        "alpha_rule": "given" if cfg.alpha is not None else "2.5 * eps / steps (FGSM: eps)",
+        "batch_size": cfg.batch_size,
+        "norm": cfg.norm,
+        "seed": cfg.seed,
+        "fosc_box": cfg.fosc_box,
+        "autoattack": autoattack,
+        "transfer": transfer,
+        "checks": checks,
+        "check_n": cfg.check_n,
+        "check_margin": CHECK_MARGIN,
+        "large_eps_max_acc": LARGE_EPS_MAX_ACC,
+        "fosc_ratio_max": FOSC_RATIO_MAX,
+        "zero_grad_max": ZERO_GRAD_MAX,
+        "confidence": "95% Wilson score interval",
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def csv_rows(report: EvalReport) -> list[dict]:
+    """One row per eps x (clean, attack..., worst_case)."""
+    rows = []
+    for r in report.results:
+        for name, acc in r.rows():
+            rows.append({"eps": r.eps, "attack": name, **acc.to_dict()})
+    return rows
+
+
+def _csv_text(report: EvalReport) -> str:
+    lines = [",".join(CSV_COLUMNS)]
+    for row in csv_rows(report):
+        lines.append(",".join(_csv_value(row[c]) for c in CSV_COLUMNS))
+    return "\n".join(lines) + "\n"
+
+
+def _csv_value(v: object) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def write_report(report: EvalReport, out_dir: str | Path, stem: str = "eval") -> list[Path]:
+    """Write STEM.json (everything) and STEM.csv (one row per eps x attack) atomically."""
+    out = Path(out_dir)
+    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
+    atomic_write_json(json_path, report.to_dict())
+    atomic_write_text(csv_path, _csv_text(report))
+    return [json_path, csv_path]
+
+
+def format_table(report: EvalReport) -> str:
+    """A readable table: accuracy [95% CI] per eps and attack, then FOSC and the warnings."""
+    lines = [f"{report.n} examples, norm {report.norm}, seed {report.seed}, {report.time_s:.1f} s"]
+    header = f"{'eps':>8}  {'attack':<12}{'accuracy':>9}  {'95% CI':<17}"
+    lines += [header, "-" * len(header)]
+    for r in report.results:
+        for name, acc in r.rows():
+            lo, hi = acc.ci
+            lines.append(f"{r.eps:>8.4g}  {name:<12}{acc.acc:>8.2%}  [{lo:6.2%}, {hi:6.2%}]")
+        if r.fosc:
+            f = r.fosc
+            lines.append(
+                f"{'':>8}  PGD final FOSC: mean {f['mean']:.4g}, median "
+                f"{f['median']:.4g}, p90 {f['p90']:.4g} (first step mean "
+                f"{f['first_step_mean']:.4g})"
+            )
+    if report.checks:
+        c = report.checks
+        lines.append(
+            f"large-eps check: eps {c['large_eps']:g}, PGD accuracy "
+            f"{c['large_eps_acc']:.1%} on {c['large_eps_n']} examples"
+        )
+    if report.warnings:
+        lines.append(f"WARNINGS ({len(report.warnings)}):")
+        lines += [f"  - {w}" for w in report.warnings]
+    elif report.settings.get("checks"):
+        lines.append("sanity checks: no sign of gradient masking")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Machine-readable run logs: metrics.csv and metrics.jsonl (one row per epoch), rewritten
+atomically from the run's history, and optional TensorBoard scalars."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fosctrain.errors import UserError
+from fosctrain.files import atomic_write_text
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.csv and metrics.jsonl from the full history (so they always match the checkpoint
+    they were written with, even after a crash and resume)."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+    lines = [json.dumps(_json_safe(row)) for row in history]
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch rows of a run (from metrics.jsonl); NaN comes back as float('nan')."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read run metrics ({e.strerror})") from None
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}:{i}: not a JSON line") from None
+        rows.append({k: math.nan if v is None else v for k, v in row.items()})
+    return rows
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return "" if v is None else v
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf become null: strict JSON readers reject them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+class TensorBoard:
+    """Scalars to TensorBoard when it is installed (--tensorboard); a clear error otherwise."""
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(
+                "--tensorboard needs the tensorboard package: pip install 'fosctrain[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch":
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

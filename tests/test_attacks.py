@@ -1,0 +1,642 @@
+"""Attacks (fosctrain.attacks): agreement with torchattacks, compaction that changes the cost
+but never the result, projection and trace invariants, model-state hygiene, stopping rules,
+the official code's quirks as options, and option validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchattacks
+from torch import nn
+
+from fosctrain.attacks import (
+    FGSM,
+    PGD,
+    PGDL2,
+    CWInf,
+    FoscThreshold,
+    MisclassifiedTau,
+    create_attack,
+    run_attack,
+)
+from fosctrain.attacks.engine import MIN_ROWS, _pad_rows
+from fosctrain.errors import UserError
+from fosctrain.fosc import fosc
+from fosctrain.losses import cw_margin, input_gradient
+
+EPS = 0.3
+
+
+@pytest.fixture(scope="module")
+def data(shared_cnn, shared_batch):
+    """The shared batch labelled with the model's own clean predictions, so every sample
+    starts correctly classified (FAT's rule and targeted attacks then mean something)."""
+    x, _ = shared_batch
+    with torch.no_grad():
+        y = shared_cnn(x).argmax(1)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def plain_run(shared_cnn, data):
+    """A 10-step PGD run without stopping, random start seed 0."""
+    x, y = data
+    return PGD(eps=EPS, alpha=0.01, steps=10, seed=0)(shared_cnn, x, y)
+
+
+def expected_grad_evals(res, steps: int, n: int, compact: bool) -> int:
+    """Rows evaluated per step from the result's steps/stopped: a sample stopped after k
+    steps was evaluated at steps 0..k, one never stopped at 0..steps-1; a compacted step
+    evaluates the running rows padded to min(MIN_ROWS, n), a full or uncompacted one n rows."""
+    total = 0
+    for k in range(steps):
+        active = int(((res.stopped & (res.steps >= k)) | (~res.stopped & (k < steps))).sum())
+        if active == 0:
+            break
+        total += n if (active == n or not compact) else max(active, min(MIN_ROWS, n))
+    return total
+
+
+class StopAt:
+    """A test stopping rule: sample i stops at the first consulted step >= at[i]; records
+    the steps at which it was consulted."""
+
+    def __init__(self, at: torch.Tensor) -> None:
+        self.at = at
+        self.calls: list[int] = []
+
+    def reset(self, batch_size, device) -> None:
+        self.calls = []
+
+    def __call__(self, step, idx, fosc, logits, y, targeted):
+        self.calls.append(step)
+        return step >= self.at[idx]
+
+
+# ------------------------------------------------------------------ torchattacks agreement
+
+
+@pytest.mark.parametrize("eps,alpha", [(0.3, 0.01), (8 / 255, 2 / 255)])
+def test_pgd_matches_torchattacks(shared_cnn, data, eps, alpha):
+    x, y = data
+    ours = PGD(eps=eps, alpha=alpha, steps=10, random_start=False)(shared_cnn, x, y)
+    ref = torchattacks.PGD(shared_cnn, eps=eps, alpha=alpha, steps=10, random_start=False)(x, y)
+    torch.testing.assert_close(ours.x_adv, ref, rtol=0, atol=1e-6)
+    assert (ours.x_adv - x).abs().max().item() == pytest.approx(min(eps, 10 * alpha), abs=1e-6)
+    assert not shared_cnn.training
+
+
+@pytest.mark.parametrize("eps", [0.3, 8 / 255])
+def test_fgsm_matches_torchattacks(shared_cnn, data, eps):
+    x, y = data
+    ours = FGSM(eps=eps)(shared_cnn, x, y)
+    ref = torchattacks.FGSM(shared_cnn, eps=eps)(x, y)
+    torch.testing.assert_close(ours.x_adv, ref, rtol=0, atol=1e-6)
+    assert ours.steps.tolist() == [1] * x.shape[0]
+    assert ours.grad_evals == x.shape[0]
+    # Not a no-op: most pixels moved by eps or hit the box.
+    moved = (ours.x_adv - x).abs()
+    assert ((moved - eps).abs() < 1e-6).float().mean() > 0.5
+
+
+def test_cw_inf_margin_increases_over_steps(shared_cnn, data):
+    x, y = data
+    with torch.no_grad():
+        margins = [cw_margin(shared_cnn(x), y).mean().item()]
+        for steps in (1, 3, 10):
+            attack = CWInf(eps=EPS, alpha=0.01, steps=steps, random_start=False)
+            assert attack.loss == "cw"
+            with torch.enable_grad():
+                x_adv = attack(shared_cnn, x, y).x_adv
+            margins.append(cw_margin(shared_cnn(x_adv), y).mean().item())
+    assert margins == sorted(margins)
+    assert margins[-1] > margins[0] + 1.0
+
+
+# ------------------------------------------------------------------------------ compaction
+
+
+def _assert_same_result(a, b):
+    assert torch.equal(a.x_adv, b.x_adv)
+    assert torch.equal(a.fosc.nan_to_num(-1.0), b.fosc.nan_to_num(-1.0))
+    assert torch.equal(a.fosc_trace.nan_to_num(-1.0), b.fosc_trace.nan_to_num(-1.0))
+    assert torch.equal(a.fosc_trace.isnan(), b.fosc_trace.isnan())
+    assert torch.equal(a.steps, b.steps)
+    assert torch.equal(a.stopped, b.stopped)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    ["fosc-q10", "fosc-q50", "fosc-q90", "fosc-q50-box-min1", "tau0", "tau1", "tau3"],
+)
+def test_compaction_is_bit_identical_and_cheaper(shared_cnn, data, plain_run, rule):
+    x, y = data
+    n, steps = x.shape[0], 10
+    options: dict = {}
+    if rule.startswith("fosc"):
+        q = int(rule.split("-")[1][1:]) / 100
+        step3 = plain_run.fosc_trace[3]
+        if "box" in rule:
+            options.update(fosc_box=True, min_steps=1)
+            # Box FOSC is smaller; take its own step-3 quantile.
+            step3 = PGD(eps=EPS, alpha=0.01, steps=4, seed=0, fosc_box=True)(
+                shared_cnn, x, y
+            ).fosc_trace[3]
+        make_rule = lambda: FoscThreshold(torch.quantile(step3, q).item())  # noqa: E731
+    else:
+        tau = int(rule[3:])
+        make_rule = lambda: MisclassifiedTau(tau)  # noqa: E731
+    results = {
+        compact: PGD(
+            eps=EPS, alpha=0.01, steps=steps, seed=0, stop=make_rule(), compact=compact, **options
+        )(shared_cnn, x, y)
+        for compact in (True, False)
+    }
+    a, b = results[True], results[False]
+    _assert_same_result(a, b)
+    stopped = a.stopped.float().mean().item()
+    assert 0.0 < stopped  # the rule really stopped someone ...
+    assert a.steps.float().mean() < steps  # ... early
+    assert a.grad_evals < b.grad_evals
+    assert a.grad_evals == expected_grad_evals(a, steps, n, compact=True)
+    assert b.grad_evals == expected_grad_evals(b, steps, n, compact=False)
+
+
+def test_compaction_thresholds_span_some_many_almost_all(shared_cnn, data, plain_run):
+    """The quantile thresholds used above really give different stop fractions."""
+    x, y = data
+    fracs = []
+    for q in (0.1, 0.5, 0.9):
+        c = torch.quantile(plain_run.fosc_trace[3], q).item()
+        res = PGD(eps=EPS, alpha=0.01, steps=10, seed=0, stop=FoscThreshold(c))(shared_cnn, x, y)
+        fracs.append(res.stopped.float().mean().item())
+        assert (res.fosc[res.stopped] <= c).all()
+        # Samples never stopped were above the threshold at every evaluated point.
+        assert (res.fosc_trace[:, ~res.stopped] > c).all()
+    assert fracs[0] < fracs[1] < fracs[2]
+    assert fracs[0] > 0 and fracs[2] >= 0.85
+
+
+@pytest.mark.parametrize("random_start", [True, False])
+def test_everyone_stops_at_step_zero(shared_cnn, data, random_start):
+    x, y = data
+    n = x.shape[0]
+    start = PGD(eps=EPS, steps=1, seed=4, random_start=random_start, stop=FoscThreshold(1e9))
+    res = start(shared_cnn, x, y)
+    assert torch.equal(res.steps, torch.zeros(n, dtype=torch.long))
+    assert res.stopped.all()
+    assert res.grad_evals == n  # one full-batch evaluation, no padding
+    expected_start = _reconstruct_start(x, EPS, 4) if random_start else x
+    torch.testing.assert_close(res.x_adv, expected_start, rtol=0, atol=1e-6)
+    assert res.fosc_trace.shape == (1, n)
+    assert torch.equal(res.fosc, res.fosc_trace[0])
+    # A longer budget changes nothing: the start point is returned.
+    res10 = PGD(eps=EPS, steps=10, seed=4, random_start=random_start, stop=FoscThreshold(1e9))(
+        shared_cnn, x, y
+    )
+    assert torch.equal(res10.x_adv, res.x_adv)
+    assert res10.grad_evals == n
+    assert res10.fosc_trace[1:].isnan().all()
+
+
+def test_pad_rows_rule():
+    idx = torch.tensor([3, 7, 9])
+    padded = _pad_rows(idx, 64)
+    assert padded.numel() == MIN_ROWS
+    assert torch.equal(padded[:3], idx)
+    assert (padded[3:] == 3).all()
+    assert torch.equal(_pad_rows(idx, 5), torch.tensor([3, 7, 9, 3, 3]))  # min(MIN_ROWS, n)
+    big = torch.arange(20)
+    assert torch.equal(_pad_rows(big, 64), big)
+
+
+def test_compaction_with_few_survivors_pads_and_stays_identical(shared_cnn, data):
+    """Three samples keep running alone (padded to MIN_ROWS rows) for 8 steps."""
+    x, y = data
+    n = x.shape[0]
+    at = torch.full((n,), 1)
+    at[[5, 17, 60]] = 100
+    a = PGD(eps=EPS, alpha=0.02, steps=10, seed=2, stop=StopAt(at))(shared_cnn, x, y)
+    b = PGD(eps=EPS, alpha=0.02, steps=10, seed=2, stop=StopAt(at), compact=False)(
+        shared_cnn, x, y
+    )
+    _assert_same_result(a, b)
+    assert a.grad_evals == 2 * n + 8 * MIN_ROWS
+    assert b.grad_evals == 10 * n
+    assert a.steps[[5, 17, 60]].tolist() == [10, 10, 10]
+    assert (a.steps.sum() - 30) == (n - 3) * 1
+
+
+# ---------------------------------------------------------------- projection and traces
+
+
+def test_linf_projection_steps_and_trace(shared_cnn, data, plain_run):
+    x, _ = data
+    n = x.shape[0]
+    res = plain_run
+    delta = (res.x_adv - x).abs().flatten(1).amax(1)
+    assert (delta <= EPS + 1e-6).all()
+    assert delta.max().item() == pytest.approx(EPS, abs=1e-6)  # the constraint is active
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    assert (res.x_adv == 0).any() and (res.x_adv == 1).any()  # ... and so is the box
+    assert res.steps.tolist() == [10] * n
+    assert not res.stopped.any()
+    assert res.grad_evals == 10 * n
+    assert res.fosc_trace.shape == (10, n)
+    assert torch.isfinite(res.fosc_trace).all()
+    assert torch.equal(res.fosc, res.fosc_trace[-1])
+    assert (res.fosc_trace >= -1e-5).all()
+
+
+def test_l2_projection(shared_cnn, data):
+    x, y = data
+    eps = 2.0
+    res = PGDL2(eps=eps, alpha=1.0, steps=5, seed=1)(shared_cnn, x, y)
+    norms = (res.x_adv - x).flatten(1).norm(dim=1)
+    assert (norms <= eps * (1 + 1e-5)).all()
+    assert norms.max().item() == pytest.approx(eps, rel=1e-4)
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    assert res.fosc_trace.shape == (5, x.shape[0])
+    assert (res.fosc_trace >= -1e-4).all()
+    # The trace is the L2 FOSC: recompute it at the step-0 (random start) point.
+    start = _reconstruct_start_l2(x, eps, 1)
+    g0, _, _ = input_gradient(shared_cnn, start, y)
+    torch.testing.assert_close(res.fosc_trace[0], fosc(start, x, g0, eps, "l2"), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+
+
+def test_trace_nan_after_stop_and_finite_before(shared_cnn, data, plain_run):
+    x, y = data
+    c = torch.quantile(plain_run.fosc_trace[3], 0.5).item()
+    res = PGD(eps=EPS, alpha=0.01, steps=10, seed=0, stop=FoscThreshold(c))(shared_cnn, x, y)
+    finite = torch.isfinite(res.fosc_trace)
+    evaluated = res.steps + res.stopped.long()  # points whose gradient was evaluated
+    rows = torch.arange(10)[:, None]
+    assert torch.equal(finite, rows < evaluated[None, :])
+    last = res.fosc_trace.gather(0, (evaluated - 1)[None, :])[0]
+    assert torch.equal(res.fosc, last)
+    assert res.stopped.any() and (~res.stopped).any()
+
+
+@pytest.mark.parametrize("fosc_box", [False, True])
+def test_final_fosc_is_fosc_at_x_adv(shared_cnn, data, fosc_box):
+    x, y = data
+    n = x.shape[0]
+    base = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, fosc_box=fosc_box)(shared_cnn, x, y)
+    res = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, fosc_box=fosc_box, final_fosc=True)(
+        shared_cnn, x, y
+    )
+    assert res.fosc_trace.shape == (6, n)
+    assert torch.equal(res.fosc_trace[:5], base.fosc_trace)
+    assert torch.equal(res.x_adv, base.x_adv)
+    assert res.grad_evals == 6 * n
+    grad, _, _ = input_gradient(shared_cnn, res.x_adv, y)
+    expected = fosc(res.x_adv, x, grad, EPS, "linf", (0.0, 1.0) if fosc_box else None)
+    torch.testing.assert_close(res.fosc, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(res.fosc, res.fosc_trace[5])
+    assert not torch.allclose(res.fosc, base.fosc)
+
+
+def test_final_fosc_with_stopping_only_evaluates_the_runners(shared_cnn, data):
+    x, y = data
+    n = x.shape[0]
+    at = torch.full((n,), 100)
+    at[: n // 2] = 2
+    res = PGD(eps=EPS, alpha=0.01, steps=4, seed=0, stop=StopAt(at), final_fosc=True)(
+        shared_cnn, x, y
+    )
+    assert res.grad_evals == 3 * n + 2 * (n // 2)  # steps 0-2 full, step 3 + final: half
+    assert res.fosc_trace[3:, : n // 2].isnan().all()
+    assert torch.isfinite(res.fosc_trace[:, n // 2 :]).all()
+    grad, _, _ = input_gradient(shared_cnn, res.x_adv, y)
+    expected = fosc(res.x_adv, x, grad, EPS)
+    torch.testing.assert_close(res.fosc, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_random_start_reproducible_with_seed_and_differs_across_seeds(shared_cnn, data):
+    x, y = data
+    attack = PGD(eps=EPS, alpha=0.01, steps=2, seed=11)
+    a, b = attack(shared_cnn, x, y), attack(shared_cnn, x, y)
+    assert torch.equal(a.x_adv, b.x_adv)
+    assert torch.equal(a.fosc_trace, b.fosc_trace)
+    c = PGD(eps=EPS, alpha=0.01, steps=2)(shared_cnn, x, y, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(a.x_adv, c.x_adv)
+    d = PGD(eps=EPS, alpha=0.01, steps=2, seed=12)(shared_cnn, x, y)
+    assert (a.x_adv != d.x_adv).float().mean() > 0.5
+    no_start = PGD(eps=EPS, alpha=0.01, steps=2, random_start=False)(shared_cnn, x, y)
+    assert not torch.equal(a.x_adv, no_start.x_adv)
+
+
+def test_fosc_decreases_over_pgd_steps(shared_cnn, data):
+    """The paper's finding: with a random start FOSC is large after the first step and
+    falls as PGD runs."""
+    x, y = data
+    res = PGD(eps=EPS, alpha=0.01, steps=20, seed=0)(shared_cnn, x, y)
+    mean = res.fosc_trace.mean(1)
+    assert mean[-1] < 0.8 * mean[0]
+    assert (mean[1:] < mean[:-1]).float().mean() >= 0.8
+    # And per sample, most samples end lower than they started.
+    assert (res.fosc_trace[-1] < res.fosc_trace[0]).float().mean() >= 0.8
+
+
+def test_targeted_pgd_raises_fraction_predicted_as_target(shared_cnn, data):
+    x, y = data
+    target = (y + 3) % 10
+    with torch.no_grad():
+        before = (shared_cnn(x).argmax(1) == target).float().mean().item()
+    res = PGD(eps=EPS, alpha=0.02, steps=15, seed=0, targeted=True)(shared_cnn, x, target)
+    with torch.no_grad():
+        after = (shared_cnn(res.x_adv).argmax(1) == target).float().mean().item()
+    assert before == 0.0
+    assert after >= 0.5
+    # FAT's rule with targeted=True stops once the target is reached.
+    stop = PGD(eps=EPS, alpha=0.02, steps=15, seed=0, targeted=True, stop=MisclassifiedTau(0))(
+        shared_cnn, x, target
+    )
+    with torch.no_grad():
+        pred = shared_cnn(stop.x_adv).argmax(1)
+    assert (pred[stop.stopped] == target[stop.stopped]).all()
+    assert stop.stopped.float().mean() >= 0.5
+
+
+# ------------------------------------------------------------------------------ model state
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_attack_restores_model_state(cnn, batch, training):
+    x, y = batch
+    x, y = x[:16], y[:16]
+    cnn.train(training)
+    params = list(cnn.parameters())
+    for i, p in enumerate(params):
+        p.requires_grad_(i % 3 != 0)  # mixed flags
+    flags = [p.requires_grad for p in params]
+    before = _snapshot(cnn)
+    modes = [m.training for m in cnn.modules()]
+    PGD(eps=EPS, alpha=0.05, steps=3, seed=0)(cnn, x, y)
+    assert cnn.training is training
+    assert [m.training for m in cnn.modules()] == modes
+    assert [p.requires_grad for p in params] == flags
+    assert all(p.grad is None for p in params)
+    after = _snapshot(cnn)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # BN running stats and counters too
+
+
+class RaisesOnCall(nn.Module):
+    def __init__(self, inner: nn.Module, bad_call: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.bad_call = bad_call
+        self.calls = 0
+        self.modes: list[bool] = []
+
+    def forward(self, x):
+        self.calls += 1
+        self.modes.append(self.inner.training)
+        if self.calls == self.bad_call:
+            raise RuntimeError("boom")
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_attack_restores_state_when_model_raises(cnn, batch, training):
+    x, y = batch
+    model = RaisesOnCall(cnn, bad_call=3).train(training)
+    cnn.train(training)
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.requires_grad_(i % 2 == 0)
+    flags = [p.requires_grad for p in params]
+    before = _snapshot(cnn)
+    with pytest.raises(RuntimeError, match="boom"):
+        PGD(eps=EPS, steps=5, seed=0)(model, x[:16], y[:16])
+    assert model.calls == 3
+    assert model.modes == [False, False, False]  # the attack itself ran in eval mode
+    assert model.training is training and cnn.training is training
+    assert [p.requires_grad for p in params] == flags
+    assert all(p.grad is None for p in params)
+    after = _snapshot(cnn)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_attack_on_linear_model_with_existing_grads(linear_model):
+    """Parameter .grad tensors that already exist are left untouched (not accumulated)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 4, 4, generator=gen)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    linear_model(x).sum().backward()
+    grads = [p.grad.clone() for p in linear_model.parameters()]
+    res = PGD(eps=0.1, alpha=0.05, steps=3, random_start=False)(linear_model, x, y)
+    assert all(torch.equal(p.grad, g) for p, g in zip(linear_model.parameters(), grads))
+    assert all(p.requires_grad for p in linear_model.parameters())
+    # For a linear model the CE input gradient sign is piecewise constant: PGD reaches the
+    # corner x0 + eps sign(g) (clipped), where the box FOSC of that gradient is 0.
+    assert ((res.x_adv - x).abs() <= 0.1 + 1e-6).all()
+
+
+# --------------------------------------------------------------------------- stopping rules
+
+
+def test_fosc_threshold_semantics():
+    rule = FoscThreshold(0.5)
+    rule.reset(4, torch.device("cpu"))
+    f = torch.tensor([0.4, 0.5, 0.500001, float("nan")])
+    idx = torch.arange(4)
+    logits = torch.zeros(4, 3)
+    out = rule(0, idx, f, logits, torch.zeros(4, dtype=torch.long), False)
+    assert out.tolist() == [True, True, False, False]
+    assert FoscThreshold(0.0)(0, idx, torch.tensor([0.0, -1e-9, 1e-9, 2.0]), logits, idx, False).tolist() == [True, True, False, False]  # fmt: skip
+
+
+# Rows: calls (PGD steps); columns: samples; 1 = misclassified at that evaluation.
+FOOLED = [
+    [1, 0, 0, 0],
+    [1, 1, 0, 0],
+    [1, 0, 0, 1],
+    [1, 1, 0, 1],
+    [1, 0, 0, 1],
+    [1, 1, 0, 1],
+]
+
+
+def _drive(rule, fooled, targeted=False):
+    """Feed the rule the running samples only, as the engine does; return stop step each."""
+    n = len(fooled[0])
+    rule.reset(n, torch.device("cpu"))
+    running = torch.ones(n, dtype=torch.bool)
+    stop_at = [None] * n
+    y = torch.zeros(n, dtype=torch.long)  # true class (or target when targeted) 0
+    for step, row in enumerate(fooled):
+        idx = running.nonzero().squeeze(1)
+        wrong = torch.tensor(row, dtype=torch.bool)[idx]
+        if targeted:
+            wrong = ~wrong  # predicting class 0 = the target = success
+        logits = torch.stack([(~wrong).float(), wrong.float()], 1)  # argmax 0 iff correct
+        if targeted:
+            logits = logits.flip(1)
+        halt = rule(step, idx, torch.zeros(idx.numel()), logits, y[idx], targeted)
+        for i in idx[halt].tolist():
+            stop_at[i] = step
+        running[idx[halt]] = False
+    return stop_at
+
+
+def test_misclassified_tau_zero_stops_at_first_misclassified():
+    assert _drive(MisclassifiedTau(0), FOOLED) == [0, 1, None, 2]
+
+
+def test_misclassified_tau_two_needs_two_more_misclassified_evaluations():
+    # Sample 0: fooled at 0, 1, 2 -> stops at 2; sample 1: fooled at 1, 3, 5 -> 5;
+    # sample 3: fooled at 2, 3, 4 -> 4.
+    assert _drive(MisclassifiedTau(2), FOOLED) == [2, 5, None, 4]
+    assert _drive(MisclassifiedTau(1), FOOLED) == [1, 3, None, 3]
+
+
+def test_misclassified_tau_targeted_counts_hitting_the_target():
+    rule = MisclassifiedTau(0)
+    rule.reset(2, torch.device("cpu"))
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    target = torch.tensor([1, 1])
+    assert rule(0, torch.arange(2), torch.zeros(2), logits, target, True).tolist() == [True, False]
+    assert rule(0, torch.arange(2), torch.zeros(2), logits, target, False).tolist() == [
+        False,
+        True,
+    ]
+
+
+def test_min_steps_one_skips_the_rule_at_step_zero(shared_cnn, data):
+    x, y = data
+    n = x.shape[0]
+    spy = StopAt(torch.zeros(n, dtype=torch.long))
+    res = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, stop=spy, min_steps=1)(shared_cnn, x, y)
+    assert spy.calls == [1]
+    assert res.steps.tolist() == [1] * n
+    assert res.stopped.all()
+    assert res.grad_evals == 2 * n
+    res0 = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, stop=FoscThreshold(1e9))(shared_cnn, x, y)
+    res1 = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, stop=FoscThreshold(1e9), min_steps=1)(
+        shared_cnn, x, y
+    )
+    assert res0.steps.tolist() == [0] * n
+    assert res1.steps.tolist() == [1] * n
+    one_step = PGD(eps=EPS, alpha=0.01, steps=1, seed=0)(shared_cnn, x, y)
+    assert torch.equal(res1.x_adv, one_step.x_adv)
+
+
+# ------------------------------------------------------------------------ fosc_from_start
+
+
+def _reconstruct_start(x0, eps, seed):
+    """The L-inf random start, rebuilt from the seed: uniform noise in the ball drawn on the
+    CPU, clipped into the pixel box."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.rand(x0.shape, generator=gen) * 2 - 1
+    return torch.clamp(x0 + noise * eps, 0, 1)
+
+
+def _reconstruct_start_l2(x0, eps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(x0.shape, generator=gen)
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    radius = torch.rand((x0.shape[0],), generator=gen) * eps
+    return torch.clamp(x0 + direction * radius.view(-1, 1, 1, 1), 0, 1)
+
+
+def test_fosc_from_start_measures_around_the_random_start(shared_cnn, data):
+    x, y = data
+    start = _reconstruct_start(x, EPS, 9)
+    g0, _, _ = input_gradient(shared_cnn, start, y)
+    quirk = PGD(eps=EPS, alpha=0.01, steps=3, seed=9, fosc_from_start=True, final_fosc=True)(
+        shared_cnn, x, y
+    )
+    right = PGD(eps=EPS, alpha=0.01, steps=3, seed=9, final_fosc=True)(shared_cnn, x, y)
+    assert torch.equal(quirk.x_adv, right.x_adv)  # only the measurement differs
+    # At the start itself the quirk's FOSC is eps * ||g||_1 (x - centre = 0) ...
+    torch.testing.assert_close(quirk.fosc_trace[0], EPS * g0.flatten(1).abs().sum(1), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    # ... the correct one subtracts the progress already made from x0.
+    torch.testing.assert_close(right.fosc_trace[0], fosc(start, x, g0, EPS), rtol=1e-4, atol=1e-4)
+    assert (quirk.fosc_trace[0] > right.fosc_trace[0]).float().mean() > 0.9
+    # At the end: fosc() with x0 replaced by the start point.
+    g, _, _ = input_gradient(shared_cnn, quirk.x_adv, y)
+    torch.testing.assert_close(quirk.fosc, fosc(quirk.x_adv, start, g, EPS), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(right.fosc, fosc(right.x_adv, x, g, EPS), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(eps=0.0), "eps"),
+        (dict(eps=-0.1), "eps"),
+        (dict(eps=float("nan")), "eps"),
+        (dict(eps=float("inf")), "eps"),
+        (dict(steps=0), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(alpha=0.0), "step size"),
+        (dict(alpha=-1.0), "step size"),
+        (dict(alpha=float("nan")), "step size"),
+        (dict(loss="hinge"), "loss"),
+    ],
+)
+def test_invalid_options_raise_user_error(linear_model, options, match):
+    x = torch.rand(4, 1, 4, 4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(UserError, match=match):
+        PGD(**options)(linear_model, x, y)
+    assert all(p.requires_grad for p in linear_model.parameters())
+    assert not linear_model.training
+
+
+def test_unknown_norm_and_attack_name_raise_user_error(linear_model):
+    x = torch.rand(4, 1, 4, 4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(UserError, match="norm"):
+        run_attack(linear_model, x, y, eps=0.1, alpha=0.01, steps=1, norm="l1")
+    with pytest.raises(UserError, match="attack"):
+        create_attack("deepfool", eps=0.1)
+
+
+def test_create_attack_registry(linear_model):
+    assert isinstance(create_attack("pgd", eps=0.1), PGD)
+    assert type(create_attack("pgd-l2")) is PGDL2
+    fgsm = create_attack("fgsm", eps=0.2)
+    assert type(fgsm) is FGSM and fgsm.step_size == 0.2 and fgsm.steps == 1
+    cw = create_attack("cw", eps=0.1)
+    assert type(cw) is CWInf and cw.loss == "cw" and cw.step_size == pytest.approx(0.025)
+
+
+# ---------------------------------------------------------------------------------- device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runs_on_the_model_device(data):
+    from conftest import paper_mnist_cnn
+
+    x, y = data
+    model = paper_mnist_cnn().cuda()
+    res = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, stop=FoscThreshold(0.4))(
+        model, x.cuda(), y.cuda()
+    )
+    for t in (res.x_adv, res.fosc, res.fosc_trace, res.steps, res.stopped):
+        assert t.device.type == "cuda"
+    assert ((res.x_adv.cpu() - x).abs() <= EPS + 1e-6).all()
+    # Same random start as on the CPU (drawn on the CPU from the seed).
+    first = PGD(eps=EPS, steps=1, seed=0, stop=FoscThreshold(1e9))(model, x.cuda(), y.cuda())
+    torch.testing.assert_close(first.x_adv.cpu(), _reconstruct_start(x, EPS, 0), atol=1e-6, rtol=0)
+
+
+def test_runs_on_cpu_tensors_by_default(shared_cnn, data):
+    x, y = data
+    res = PGD(eps=EPS, steps=1, seed=0)(shared_cnn, x[:4], y[:4])
+    assert res.x_adv.device == x.device and res.fosc.device == x.device
+    assert math.isfinite(res.fosc.sum().item())

@@ -1,0 +1,321 @@
+"""FOSC (fosctrain.fosc): closed forms against an independent float64 NumPy re-derivation,
+brute force over the threat set's vertices, invariants, the gradient-scale pitfall, and
+fosc_stats."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fosctrain.errors import UserError
+from fosctrain.fosc import fosc, fosc_stats
+from fosctrain.losses import cross_entropy, input_gradient
+
+# ----------------------------------------------------------------------------- references
+# Written from PAPER.md section 2 in float64 NumPy, independently of the implementation.
+
+
+def ref_linf_paper(x, x0, g, eps):
+    """eps * ||g||_1 - <x - x0, g>, per row of flattened arrays."""
+    return eps * np.abs(g).sum(1) - ((x - x0) * g).sum(1)
+
+
+def ref_linf_box(x, x0, g, eps, lo=0.0, hi=1.0):
+    """sum_i [g_i > 0] g_i (h_i - x_i) + [g_i < 0] g_i (l_i - x_i), l/h the clipped ball."""
+    low = np.maximum(x0 - eps, lo)
+    high = np.minimum(x0 + eps, hi)
+    pos = np.where(g > 0, g * (high - x), 0.0)
+    neg = np.where(g < 0, g * (low - x), 0.0)
+    return (pos + neg).sum(1)
+
+
+def ref_l2(x, x0, g, eps):
+    return eps * np.sqrt((g * g).sum(1)) - ((x - x0) * g).sum(1)
+
+
+def _np_case(rng, n, d, eps, norm, zero_frac=0.2):
+    """x0 in [0, 1]^d (some pixels exactly 0 or 1), x inside the threat set, gradients with
+    exact zeros."""
+    x0 = rng.uniform(0, 1, (n, d))
+    edge = rng.uniform(size=(n, d))
+    x0[edge < 0.1] = 0.0
+    x0[edge > 0.9] = 1.0
+    if norm == "linf":
+        x = np.clip(x0 + rng.uniform(-eps, eps, (n, d)), 0.0, 1.0)
+        # Some coordinates exactly on the (clipped) faces, as PGD leaves them.
+        face = rng.uniform(size=(n, d))
+        x = np.where(face < 0.2, np.clip(x0 + eps, 0, 1), x)
+        x = np.where(face > 0.8, np.clip(x0 - eps, 0, 1), x)
+    else:
+        direction = rng.normal(size=(n, d))
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        radius = eps * rng.uniform(0, 1, (n, 1))
+        radius[0] = eps  # one row on the sphere
+        x = x0 + direction * radius
+    g = rng.normal(size=(n, d))
+    g[rng.uniform(size=(n, d)) < zero_frac] = 0.0
+    if n > 1:
+        g[1] = 0.0  # one all-zero gradient row
+    return x, x0, g
+
+
+def _t(a, dtype=torch.float64, shape=None):
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+    return t if shape is None else t.reshape(shape)
+
+
+# -------------------------------------------------------------- against the NumPy formulas
+
+
+@pytest.mark.parametrize("eps", [1e-3, 8 / 255, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("form", ["paper", "box"])
+def test_linf_matches_numpy(eps, form):
+    rng = np.random.default_rng(int(eps * 1e4) + (form == "box"))
+    n, shape = 12, (1, 6, 7)
+    d = math.prod(shape)
+    x, x0, g = _np_case(rng, n, d, eps, "linf")
+    bounds = (0.0, 1.0) if form == "box" else None
+    ref = ref_linf_box(x, x0, g, eps) if form == "box" else ref_linf_paper(x, x0, g, eps)
+    got64 = fosc(_t(x, shape=(n, *shape)), _t(x0, shape=(n, *shape)), _t(g, shape=(n, *shape)),
+                 eps, "linf", bounds)  # fmt: skip
+    assert got64.shape == (n,)
+    assert got64.dtype == torch.float64
+    np.testing.assert_allclose(got64.numpy(), ref, rtol=1e-12, atol=1e-12)
+    assert got64[1].item() == 0.0  # zero gradient: nothing to gain
+    # float32 inputs: same numbers up to float32 rounding.
+    f32 = [_t(a, torch.float32, (n, *shape)) for a in (x, x0, g)]
+    got32 = fosc(*f32, eps, "linf", bounds)
+    assert got32.dtype == torch.float32
+    scale = eps * np.abs(g).sum(1) + 1.0
+    np.testing.assert_allclose(got32.double().numpy(), ref, rtol=0, atol=1e-5 * scale.max())
+    assert ref.min() > -1e-12
+    assert ref[[0] + list(range(2, n))].min() > 0  # nontrivial values, not all zero
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.5, 2.0, 5.0])
+def test_l2_matches_numpy(eps):
+    rng = np.random.default_rng(int(eps * 100))
+    n, shape = 10, (2, 5, 5)
+    d = math.prod(shape)
+    x, x0, g = _np_case(rng, n, d, eps, "l2")
+    ref = ref_l2(x, x0, g, eps)
+    got = fosc(_t(x, shape=(n, *shape)), _t(x0, shape=(n, *shape)), _t(g, shape=(n, *shape)),
+               eps, "l2")  # fmt: skip
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-12)
+    assert got[1].item() == 0.0
+    assert ref[[0] + list(range(2, n))].min() > 0
+    f32 = [_t(a, torch.float32, (n, *shape)) for a in (x, x0, g)]
+    np.testing.assert_allclose(fosc(*f32, eps, "l2").double().numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_box_bounds_other_than_unit():
+    rng = np.random.default_rng(7)
+    x0 = rng.uniform(-1, 1, (5, 9))
+    x = np.clip(x0 + rng.uniform(-0.4, 0.4, (5, 9)), -1, 1)
+    g = rng.normal(size=(5, 9))
+    got = fosc(_t(x), _t(x0), _t(g), 0.4, "linf", (-1.0, 1.0))
+    np.testing.assert_allclose(got.numpy(), ref_linf_box(x, x0, g, 0.4, -1.0, 1.0), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------- brute force
+
+
+@pytest.mark.parametrize("d", [3, 4, 5, 6])
+def test_box_form_equals_max_over_box_vertices(d):
+    rng = np.random.default_rng(100 + d)
+    for trial in range(6):
+        eps = [0.05, 0.3, 0.7][trial % 3]
+        x, x0, g = _np_case(rng, 1, d, eps, "linf", zero_frac=0.25)
+        x, x0, g = x[0], x0[0], g[0] if trial != 1 else np.zeros(d)
+        lo, hi = np.maximum(x0 - eps, 0.0), np.minimum(x0 + eps, 1.0)
+        best = max(np.dot(np.array(v) - x, g) for v in itertools.product(*zip(lo, hi)))
+        got = fosc(_t(x[None]), _t(x0[None]), _t(g[None]), eps, "linf", (0.0, 1.0)).item()
+        assert got == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("d", [3, 4, 5, 6])
+def test_paper_form_equals_max_over_ball_vertices(d):
+    rng = np.random.default_rng(200 + d)
+    for eps in (0.01, 0.3, 1.5):
+        x0 = rng.uniform(0, 1, d)
+        x = x0 + rng.uniform(-eps, eps, d)
+        g = rng.normal(size=d)
+        g[rng.integers(d)] = 0.0
+        best = max(np.dot(np.array(v) - x, g) for v in itertools.product(*zip(x0 - eps, x0 + eps)))
+        got = fosc(_t(x[None]), _t(x0[None]), _t(g[None]), eps, "linf").item()
+        assert got == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("d", [3, 4, 6])
+def test_l2_form_bounds_random_search_and_is_attained(d):
+    rng = np.random.default_rng(300 + d)
+    for eps in (0.1, 1.0, 3.0):
+        x0 = rng.uniform(0, 1, d)
+        u = rng.normal(size=d)
+        x = x0 + u / np.linalg.norm(u) * eps * rng.uniform()
+        g = rng.normal(size=d)
+        got = fosc(_t(x[None]), _t(x0[None]), _t(g[None]), eps, "l2").item()
+        # Analytic maximiser: x0 + eps g / ||g|| attains the value exactly.
+        xstar = x0 + eps * g / np.linalg.norm(g)
+        assert np.dot(xstar - x, g) == pytest.approx(got, rel=1e-12, abs=1e-12)
+        # Dense random search over the ball (sphere and interior): never above, and close.
+        dirs = rng.normal(size=(200_000, d))
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        radii = np.concatenate([np.ones(150_000), rng.uniform(0, 1, 50_000) ** (1 / d)])
+        cand = x0 + eps * dirs * radii[:, None]
+        values = (cand - x) @ g
+        assert values.max() <= got + 1e-12
+        assert values.max() >= got - 0.02 * eps * np.linalg.norm(g)
+
+
+# --------------------------------------------------------------------------- invariants
+
+CASE = dict(
+    seed=st.integers(0, 2**32 - 1),
+    eps=st.floats(1e-3, 1.0),
+    d=st.integers(1, 40),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(**CASE)
+def test_nonnegative_inside_the_set_and_box_below_paper(seed, eps, d):
+    rng = np.random.default_rng(seed)
+    n = 8
+    x, x0, g = _np_case(rng, n, d, eps, "linf")
+    t = [_t(a, torch.float32) for a in (x, x0, g)]
+    paper = fosc(*t, eps, "linf")
+    box = fosc(*t, eps, "linf", (0.0, 1.0))
+    assert paper.min().item() >= -1e-6
+    assert box.min().item() >= -1e-6
+    assert (box <= paper + 1e-5 * (1 + paper.abs())).all()
+    # Exactly, in float64:
+    t64 = [_t(a) for a in (x, x0, g)]
+    assert (fosc(*t64, eps, "linf", (0.0, 1.0)) <= fosc(*t64, eps, "linf") + 1e-12).all()
+    xl, x0l, gl = _np_case(rng, n, d, eps, "l2")
+    assert fosc(*[_t(a, torch.float32) for a in (xl, x0l, gl)], eps, "l2").min() >= -1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(**CASE)
+def test_zero_at_the_vertex_maximiser_of_a_linear_loss(seed, eps, d):
+    """For loss(x) = <w, x> the gradient is w everywhere; its maximiser over the set is a
+    vertex (box, L-inf ball) or x0 + eps w / ||w|| (L2 ball), where FOSC must vanish."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.uniform(0, 1, (4, d))
+    w = rng.normal(size=(4, d))
+    w[rng.uniform(size=w.shape) < 0.2] = 0.0
+    for dtype in (torch.float32, torch.float64):
+        x0t, wt = _t(x0, dtype), _t(w, dtype)
+        # The box vertex in the working precision: clip(x0 -/+ eps) where w is -/+.
+        vertex = torch.where(wt > 0, (x0t + eps).clamp(max=1), (x0t - eps).clamp(min=0))
+        box = fosc(vertex, x0t, wt, eps, "linf", (0.0, 1.0))
+        assert torch.equal(box, torch.zeros_like(box))  # exactly: every term is 0 * w_i
+        assert fosc(vertex, x0t, wt, eps, "linf").min() >= -1e-5  # paper form: >= 0
+    corner = x0 + eps * np.sign(w)
+    paper = fosc(_t(corner, torch.float32), _t(x0, torch.float32), _t(w, torch.float32), eps)
+    assert paper.abs().max().item() <= 1e-5 * (1 + eps * np.abs(w).sum(1).max())
+    norms = np.linalg.norm(w, axis=1, keepdims=True)
+    on_sphere = x0 + eps * w / np.where(norms > 0, norms, 1)
+    l2 = fosc(_t(on_sphere), _t(x0), _t(w), eps, "l2")
+    assert l2.abs().max().item() <= 1e-12 * (1 + eps * norms.max())
+
+
+def test_box_form_zero_where_paper_form_is_not_at_a_pixel_clipped_stationary_point():
+    """x0 has saturated pixels; x = clip(x0 + eps sign(g), 0, 1) is the box maximiser of the
+    linear loss <g, x>, a KKT point of the real threat set. The box form is 0 there, the paper
+    form still counts the unreachable gain of the clipped pixels."""
+    eps = 0.3
+    x0 = torch.tensor([[1.0, 0.0, 0.9, 0.5, 0.05, 0.5]], dtype=torch.float64)
+    g = torch.tensor([[2.0, -3.0, 1.0, -0.5, -1.0, 0.0]], dtype=torch.float64)
+    x = torch.clamp(x0 + eps * g.sign(), 0, 1)
+    box = fosc(x, x0, g, eps, "linf", (0.0, 1.0))
+    paper = fosc(x, x0, g, eps, "linf")
+    assert box.item() == 0.0
+    # Gain the paper form still sees: pixel 0 (+0.3 * 2), pixel 1 (0.3 * 3), pixel 2
+    # (0.2 * 1), pixel 4 (0.25 * 1); pixel 3 and 5 are not clipped / have no gradient.
+    assert paper.item() == pytest.approx(0.6 + 0.9 + 0.2 + 0.25, abs=1e-12)
+
+
+def test_per_sample_independence_under_permutation():
+    gen = torch.Generator().manual_seed(3)
+    n = 16
+    x0 = torch.rand(n, 1, 5, 5, generator=gen)
+    x = (x0 + (torch.rand(n, 1, 5, 5, generator=gen) - 0.5) * 0.4).clamp(0, 1)
+    g = torch.randn(n, 1, 5, 5, generator=gen)
+    perm = torch.randperm(n, generator=gen)
+    for norm, bounds in (("linf", None), ("linf", (0.0, 1.0)), ("l2", None)):
+        full = fosc(x, x0, g, 0.2, norm, bounds)
+        assert torch.equal(fosc(x[perm], x0[perm], g[perm], 0.2, norm, bounds), full[perm])
+        # Changing one sample changes only its own value.
+        g2 = g.clone()
+        g2[5] *= -3
+        changed = fosc(x, x0, g2, 0.2, norm, bounds)
+        assert not torch.equal(changed[5], full[5])
+        keep = torch.arange(n) != 5
+        assert torch.equal(changed[keep], full[keep])
+
+
+def test_scale_sum_reduction_is_batch_size_independent_mean_shrinks_by_batch(cnn, batch):
+    x0, y = batch
+    n = x0.shape[0]
+    gen = torch.Generator().manual_seed(5)
+    eps = 0.3
+    x = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps).clamp(0, 1)
+    grad, _, _ = input_gradient(cnn, x, y)
+    full = fosc(x, x0, grad, eps)
+    assert full.min() > 0
+    # Each sample's own gradient: the same FOSC whether it is computed in the full batch,
+    # in a batch of 16, or alone.
+    for part in (slice(0, 16), slice(40, 41)):
+        g_part, _, _ = input_gradient(cnn, x[part], y[part])
+        torch.testing.assert_close(fosc(x[part], x0[part], g_part, eps), full[part], rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip
+    # The batch-mean gradient shrinks every FOSC by exactly the batch size.
+    xr = x.clone().requires_grad_(True)
+    (g_mean,) = torch.autograd.grad(cross_entropy(cnn(xr), y).mean(), xr)
+    for bounds in (None, (0.0, 1.0)):
+        ratio = fosc(x, x0, grad, eps, "linf", bounds) / fosc(x, x0, g_mean, eps, "linf", bounds)
+        torch.testing.assert_close(ratio, torch.full_like(ratio, float(n)), rtol=1e-5, atol=0)
+
+
+def test_unknown_norm_and_l2_box_raise():
+    x = torch.zeros(2, 3)
+    with pytest.raises(UserError, match="norm"):
+        fosc(x, x, x, 0.1, "l1")
+    with pytest.raises(UserError, match="linf"):
+        fosc(x, x, x, 0.1, "l2", (0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------- fosc_stats
+
+
+def test_fosc_stats_known_vector_ignores_nan():
+    values = torch.tensor([3.0, float("nan"), 1.0, 10.0, 2.0, float("nan"), 4.0])
+    values = torch.cat([values, torch.tensor([5.0, 6.0, 7.0, 8.0, 9.0])])  # 1..10 and 2 NaN
+    s = fosc_stats(values)
+    assert set(s) == {"mean", "median", "p10", "p90", "max"}
+    assert s["mean"] == pytest.approx(5.5)
+    assert s["median"] == pytest.approx(5.5)
+    # Linear interpolation between order statistics (numpy's default percentile).
+    assert s["p10"] == pytest.approx(1.9)
+    assert s["p90"] == pytest.approx(9.1)
+    assert s["max"] == 10.0
+    ref = np.arange(1.0, 11.0)
+    assert s["p10"] == pytest.approx(np.percentile(ref, 10))
+    assert s["p90"] == pytest.approx(np.percentile(ref, 90))
+    assert all(isinstance(v, float) for v in s.values())
+
+
+def test_fosc_stats_single_value_all_nan_and_empty():
+    one = fosc_stats(torch.tensor([float("nan"), 0.25]))
+    assert one == {"mean": 0.25, "median": 0.25, "p10": 0.25, "p90": 0.25, "max": 0.25}
+    for empty in (torch.full((4,), float("nan")), torch.zeros(0)):
+        assert all(math.isnan(v) for v in fosc_stats(empty).values())
+        assert set(fosc_stats(empty)) == {"mean", "median", "p10", "p90", "max"}
