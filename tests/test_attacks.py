@@ -112,7 +112,8 @@ def test_cw_inf_margin_increases_over_steps(shared_cnn, data):
                 x_adv = attack(shared_cnn, x, y).x_adv
             margins.append(cw_margin(shared_cnn(x_adv), y).mean().item())
     assert margins == sorted(margins)
-    assert margins[-1] > margins[0] + 1.0
+    assert margins[-1] > margins[0] + 0.1
+    assert margins[0] < 0 < margins[-1]  # from correctly classified to misclassified
 
 
 # ------------------------------------------------------------------------------ compaction
@@ -129,11 +130,11 @@ def _assert_same_result(a, b):
 
 @pytest.mark.parametrize(
     "rule",
-    ["fosc-q10", "fosc-q50", "fosc-q90", "fosc-q50-box-min1", "tau0", "tau1", "tau3"],
+    ["fosc-q05", "fosc-q50", "fosc-q90", "fosc-q50-box-min1", "tau0", "tau1", "tau3"],
 )
 def test_compaction_is_bit_identical_and_cheaper(shared_cnn, data, plain_run, rule):
     x, y = data
-    n, steps = x.shape[0], 10
+    n, steps = x.shape[0], 5
     options: dict = {}
     if rule.startswith("fosc"):
         q = int(rule.split("-")[1][1:]) / 100
@@ -157,7 +158,7 @@ def test_compaction_is_bit_identical_and_cheaper(shared_cnn, data, plain_run, ru
     a, b = results[True], results[False]
     _assert_same_result(a, b)
     stopped = a.stopped.float().mean().item()
-    assert 0.0 < stopped  # the rule really stopped someone ...
+    assert stopped > 0.0  # the rule really stopped someone ...
     assert a.steps.float().mean() < steps  # ... early
     assert a.grad_evals < b.grad_evals
     assert a.grad_evals == expected_grad_evals(a, steps, n, compact=True)
@@ -168,15 +169,15 @@ def test_compaction_thresholds_span_some_many_almost_all(shared_cnn, data, plain
     """The quantile thresholds used above really give different stop fractions."""
     x, y = data
     fracs = []
-    for q in (0.1, 0.5, 0.9):
+    for q in (0.05, 0.5, 0.9):
         c = torch.quantile(plain_run.fosc_trace[3], q).item()
-        res = PGD(eps=EPS, alpha=0.01, steps=10, seed=0, stop=FoscThreshold(c))(shared_cnn, x, y)
+        res = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, stop=FoscThreshold(c))(shared_cnn, x, y)
         fracs.append(res.stopped.float().mean().item())
         assert (res.fosc[res.stopped] <= c).all()
         # Samples never stopped were above the threshold at every evaluated point.
         assert (res.fosc_trace[:, ~res.stopped] > c).all()
     assert fracs[0] < fracs[1] < fracs[2]
-    assert fracs[0] > 0 and fracs[2] >= 0.85
+    assert 0.1 < fracs[0] < 0.5 < fracs[1] and fracs[2] >= 0.9
 
 
 @pytest.mark.parametrize("random_start", [True, False])
@@ -219,14 +220,24 @@ def test_compaction_with_few_survivors_pads_and_stays_identical(shared_cnn, data
     at = torch.full((n,), 1)
     at[[5, 17, 60]] = 100
     a = PGD(eps=EPS, alpha=0.02, steps=10, seed=2, stop=StopAt(at))(shared_cnn, x, y)
-    b = PGD(eps=EPS, alpha=0.02, steps=10, seed=2, stop=StopAt(at), compact=False)(
-        shared_cnn, x, y
-    )
+    b = PGD(eps=EPS, alpha=0.02, steps=10, seed=2, stop=StopAt(at), compact=False)(shared_cnn, x, y)
     _assert_same_result(a, b)
     assert a.grad_evals == 2 * n + 8 * MIN_ROWS
     assert b.grad_evals == 10 * n
     assert a.steps[[5, 17, 60]].tolist() == [10, 10, 10]
     assert (a.steps.sum() - 30) == (n - 3) * 1
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_inputs_are_not_modified(shared_cnn, data, random_start):
+    """x and y come back untouched, also along the in-place compacted update path."""
+    x, y = data
+    x_in, y_in = x.clone(), y.clone()
+    at = torch.arange(x.shape[0]) % 3
+    PGD(eps=EPS, alpha=0.05, steps=3, random_start=random_start, seed=0, stop=StopAt(at))(
+        shared_cnn, x_in, y_in
+    )
+    assert torch.equal(x_in, x) and torch.equal(y_in, y)
 
 
 # ---------------------------------------------------------------- projection and traces
@@ -256,24 +267,40 @@ def test_l2_projection(shared_cnn, data):
     res = PGDL2(eps=eps, alpha=1.0, steps=5, seed=1)(shared_cnn, x, y)
     norms = (res.x_adv - x).flatten(1).norm(dim=1)
     assert (norms <= eps * (1 + 1e-5)).all()
-    assert norms.max().item() == pytest.approx(eps, rel=1e-4)
+    assert norms.max().item() > 0.9 * eps  # the constraint matters
+    # Without the pixel box the iterate would be on the sphere: check the L2 projection
+    # itself with bounds that never bind.
+    wide = run_attack(
+        shared_cnn,
+        x,
+        y,
+        eps=eps,
+        alpha=1.0,
+        steps=3,
+        norm="l2",
+        bounds=(-10.0, 10.0),
+        generator=torch.Generator().manual_seed(1),
+    )
+    wide_norms = (wide.x_adv - x).flatten(1).norm(dim=1)
+    torch.testing.assert_close(wide_norms, torch.full_like(wide_norms, eps), rtol=1e-5, atol=0)
     assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
     assert res.fosc_trace.shape == (5, x.shape[0])
     assert (res.fosc_trace >= -1e-4).all()
     # The trace is the L2 FOSC: recompute it at the step-0 (random start) point.
     start = _reconstruct_start_l2(x, eps, 1)
     g0, _, _ = input_gradient(shared_cnn, start, y)
-    torch.testing.assert_close(res.fosc_trace[0], fosc(start, x, g0, eps, "l2"), rtol=1e-4,
-                               atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        res.fosc_trace[0], fosc(start, x, g0, eps, "l2"), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_trace_nan_after_stop_and_finite_before(shared_cnn, data, plain_run):
     x, y = data
-    c = torch.quantile(plain_run.fosc_trace[3], 0.5).item()
-    res = PGD(eps=EPS, alpha=0.01, steps=10, seed=0, stop=FoscThreshold(c))(shared_cnn, x, y)
+    c = torch.quantile(plain_run.fosc_trace[3], 0.2).item()
+    res = PGD(eps=EPS, alpha=0.01, steps=5, seed=0, stop=FoscThreshold(c))(shared_cnn, x, y)
     finite = torch.isfinite(res.fosc_trace)
     evaluated = res.steps + res.stopped.long()  # points whose gradient was evaluated
-    rows = torch.arange(10)[:, None]
+    rows = torch.arange(5)[:, None]
     assert torch.equal(finite, rows < evaluated[None, :])
     last = res.fosc_trace.gather(0, (evaluated - 1)[None, :])[0]
     assert torch.equal(res.fosc, last)
@@ -321,7 +348,9 @@ def test_random_start_reproducible_with_seed_and_differs_across_seeds(shared_cnn
     a, b = attack(shared_cnn, x, y), attack(shared_cnn, x, y)
     assert torch.equal(a.x_adv, b.x_adv)
     assert torch.equal(a.fosc_trace, b.fosc_trace)
-    c = PGD(eps=EPS, alpha=0.01, steps=2)(shared_cnn, x, y, generator=torch.Generator().manual_seed(11))
+    c = PGD(eps=EPS, alpha=0.01, steps=2)(
+        shared_cnn, x, y, generator=torch.Generator().manual_seed(11)
+    )
     assert torch.equal(a.x_adv, c.x_adv)
     d = PGD(eps=EPS, alpha=0.01, steps=2, seed=12)(shared_cnn, x, y)
     assert (a.x_adv != d.x_adv).float().mean() > 0.5
@@ -434,7 +463,9 @@ def test_attack_on_linear_model_with_existing_grads(linear_model):
     linear_model(x).sum().backward()
     grads = [p.grad.clone() for p in linear_model.parameters()]
     res = PGD(eps=0.1, alpha=0.05, steps=3, random_start=False)(linear_model, x, y)
-    assert all(torch.equal(p.grad, g) for p, g in zip(linear_model.parameters(), grads))
+    assert all(
+        torch.equal(p.grad, g) for p, g in zip(linear_model.parameters(), grads, strict=True)
+    )
     assert all(p.requires_grad for p in linear_model.parameters())
     # For a linear model the CE input gradient sign is piecewise constant: PGD reaches the
     # corner x0 + eps sign(g) (clipped), where the box FOSC of that gradient is 0.
@@ -452,7 +483,13 @@ def test_fosc_threshold_semantics():
     logits = torch.zeros(4, 3)
     out = rule(0, idx, f, logits, torch.zeros(4, dtype=torch.long), False)
     assert out.tolist() == [True, True, False, False]
-    assert FoscThreshold(0.0)(0, idx, torch.tensor([0.0, -1e-9, 1e-9, 2.0]), logits, idx, False).tolist() == [True, True, False, False]  # fmt: skip
+    edge = torch.tensor([0.0, -1e-9, 1e-9, 2.0])
+    assert FoscThreshold(0.0)(0, idx, edge, logits, idx, False).tolist() == [
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 # Rows: calls (PGD steps); columns: samples; 1 = misclassified at that evaluation.
@@ -559,11 +596,16 @@ def test_fosc_from_start_measures_around_the_random_start(shared_cnn, data):
     right = PGD(eps=EPS, alpha=0.01, steps=3, seed=9, final_fosc=True)(shared_cnn, x, y)
     assert torch.equal(quirk.x_adv, right.x_adv)  # only the measurement differs
     # At the start itself the quirk's FOSC is eps * ||g||_1 (x - centre = 0) ...
-    torch.testing.assert_close(quirk.fosc_trace[0], EPS * g0.flatten(1).abs().sum(1), rtol=1e-4,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        quirk.fosc_trace[0], EPS * g0.flatten(1).abs().sum(1), rtol=1e-4, atol=1e-5
+    )
     # ... the correct one subtracts the progress already made from x0.
     torch.testing.assert_close(right.fosc_trace[0], fosc(start, x, g0, EPS), rtol=1e-4, atol=1e-4)
-    assert (quirk.fosc_trace[0] > right.fosc_trace[0]).float().mean() > 0.9
+    progress = ((start - x).flatten(1) * g0.flatten(1)).sum(1)
+    torch.testing.assert_close(
+        quirk.fosc_trace[0] - right.fosc_trace[0], progress, rtol=1e-3, atol=1e-4
+    )
+    assert progress.abs().median() > 2e-3  # the two measurements really differ
     # At the end: fosc() with x0 replaced by the start point.
     g, _, _ = input_gradient(shared_cnn, quirk.x_adv, y)
     torch.testing.assert_close(quirk.fosc, fosc(quirk.x_adv, start, g, EPS), rtol=1e-4, atol=1e-4)

@@ -82,8 +82,14 @@ def test_linf_matches_numpy(eps, form):
     x, x0, g = _np_case(rng, n, d, eps, "linf")
     bounds = (0.0, 1.0) if form == "box" else None
     ref = ref_linf_box(x, x0, g, eps) if form == "box" else ref_linf_paper(x, x0, g, eps)
-    got64 = fosc(_t(x, shape=(n, *shape)), _t(x0, shape=(n, *shape)), _t(g, shape=(n, *shape)),
-                 eps, "linf", bounds)  # fmt: skip
+    got64 = fosc(
+        _t(x, shape=(n, *shape)),
+        _t(x0, shape=(n, *shape)),
+        _t(g, shape=(n, *shape)),
+        eps,
+        "linf",
+        bounds,
+    )
     assert got64.shape == (n,)
     assert got64.dtype == torch.float64
     np.testing.assert_allclose(got64.numpy(), ref, rtol=1e-12, atol=1e-12)
@@ -105,8 +111,9 @@ def test_l2_matches_numpy(eps):
     d = math.prod(shape)
     x, x0, g = _np_case(rng, n, d, eps, "l2")
     ref = ref_l2(x, x0, g, eps)
-    got = fosc(_t(x, shape=(n, *shape)), _t(x0, shape=(n, *shape)), _t(g, shape=(n, *shape)),
-               eps, "l2")  # fmt: skip
+    got = fosc(
+        _t(x, shape=(n, *shape)), _t(x0, shape=(n, *shape)), _t(g, shape=(n, *shape)), eps, "l2"
+    )
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-12)
     assert got[1].item() == 0.0
     assert ref[[0] + list(range(2, n))].min() > 0
@@ -134,7 +141,7 @@ def test_box_form_equals_max_over_box_vertices(d):
         x, x0, g = _np_case(rng, 1, d, eps, "linf", zero_frac=0.25)
         x, x0, g = x[0], x0[0], g[0] if trial != 1 else np.zeros(d)
         lo, hi = np.maximum(x0 - eps, 0.0), np.minimum(x0 + eps, 1.0)
-        best = max(np.dot(np.array(v) - x, g) for v in itertools.product(*zip(lo, hi)))
+        best = max(np.dot(np.array(v) - x, g) for v in itertools.product(*zip(lo, hi, strict=True)))
         got = fosc(_t(x[None]), _t(x0[None]), _t(g[None]), eps, "linf", (0.0, 1.0)).item()
         assert got == pytest.approx(best, abs=1e-12)
 
@@ -147,7 +154,10 @@ def test_paper_form_equals_max_over_ball_vertices(d):
         x = x0 + rng.uniform(-eps, eps, d)
         g = rng.normal(size=d)
         g[rng.integers(d)] = 0.0
-        best = max(np.dot(np.array(v) - x, g) for v in itertools.product(*zip(x0 - eps, x0 + eps)))
+        best = max(
+            np.dot(np.array(v) - x, g)
+            for v in itertools.product(*zip(x0 - eps, x0 + eps, strict=True))
+        )
         got = fosc(_t(x[None]), _t(x0[None]), _t(g[None]), eps, "linf").item()
         assert got == pytest.approx(best, abs=1e-12)
 
@@ -275,8 +285,9 @@ def test_scale_sum_reduction_is_batch_size_independent_mean_shrinks_by_batch(cnn
     # in a batch of 16, or alone.
     for part in (slice(0, 16), slice(40, 41)):
         g_part, _, _ = input_gradient(cnn, x[part], y[part])
-        torch.testing.assert_close(fosc(x[part], x0[part], g_part, eps), full[part], rtol=1e-4,
-                                   atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            fosc(x[part], x0[part], g_part, eps), full[part], rtol=1e-4, atol=1e-6
+        )
     # The batch-mean gradient shrinks every FOSC by exactly the batch size.
     xr = x.clone().requires_grad_(True)
     (g_mean,) = torch.autograd.grad(cross_entropy(cnn(xr), y).mean(), xr)

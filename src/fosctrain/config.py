@@ -29,6 +29,7 @@ class Config:
     model: str = field(default="mnist-cnn", metadata={"help": "model registry name"})
     model_kwargs: dict = field(default_factory=dict, metadata={"help": "extra model options"})
     num_classes: int = 10
+    train_n: int = field(default=0, metadata={"help": "train on a fixed subset of N (0: all)"})
     epochs: int = field(default=10, metadata={"help": "training epochs T"})
     batch_size: int = 64
     optimizer: str = field(default="sgd", metadata={"help": "sgd or adam"})
@@ -68,7 +69,9 @@ class Config:
     fat_tau_max: int = field(default=3, metadata={"help": "FAT: tau reached at epoch T'"})
     trades_beta: float = 6.0
     fast_alpha: float | None = field(default=None, metadata={"help": "Fast-AT step (1.25 eps)"})
-    eval_n: int = field(default=1000, metadata={"help": "test examples evaluated per epoch"})
+    eval_n: int = field(
+        default=1000, metadata={"help": "test examples evaluated per epoch (0: all)"}
+    )
     eval_steps: int = field(default=20, metadata={"help": "PGD steps of the per-epoch test"})
     eval_every: int = 1
     seed: int = 0
@@ -231,6 +234,7 @@ def validate(c: Config) -> None:
     for name in ("momentum", "weight_decay", "trades_beta"):
         _positive(name, getattr(c, name), zero_ok=True)
     _positive("eval_n", c.eval_n, integer=True, zero_ok=True)
+    _positive("train_n", c.train_n, integer=True, zero_ok=True)
     _positive("seed", c.seed, integer=True, zero_ok=True)
     for name in ("fat_tau", "fat_tau_max"):
         _positive(name, getattr(c, name), integer=True, zero_ok=True)

@@ -146,12 +146,12 @@ def create_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def eval_subset(data: Dataset, n: int) -> tuple[Tensor, Tensor]:
-    """A fixed subset of the test set (the same for every run and epoch)."""
-    if n >= len(data.y_test):
-        return data.x_test, data.y_test
-    idx = torch.randperm(len(data.y_test), generator=torch.Generator().manual_seed(12345))[:n]
-    return data.x_test[idx], data.y_test[idx]
+def fixed_subset(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The same n examples for every run and epoch (a fixed shuffle: files are class-sorted)."""
+    if n <= 0 or n >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))[:n]
+    return x[idx], y[idx]
 
 
 def test_metrics(model: nn.Module, x: Tensor, y: Tensor, config: Config, seed: int) -> dict:
@@ -192,6 +192,7 @@ def build_trainer(
         torch.set_num_threads(config.threads)
     device = select_device(config.device)
     data = load_dataset(config.dataset, config.data_dir)
+    data.x_train, data.y_train = fixed_subset(data.x_train, data.y_train, config.train_n)
     torch.manual_seed(config.seed)
     model = build_model(config.to_dict()).to(device)
     optimizer = create_optimizer(config, model)
@@ -390,7 +391,7 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
         row["c_max"] = tr.method.c_max
     last = epoch + 1 == cfg.epochs
     if (epoch + 1) % cfg.eval_every == 0 or last:
-        x, y = eval_subset(tr.data, cfg.eval_n)
+        x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.eval_n)
         row.update(test_metrics(tr.model, x.to(tr.device), y.to(tr.device), cfg, cfg.seed + epoch))
     else:
         row.update(test_clean_acc=math.nan, test_robust_acc=math.nan)
@@ -427,7 +428,7 @@ def summarize(tr: Trainer) -> dict[str, Any]:
         "grad_evals": tr.state.grad_evals,
         "attack_grad_evals": tr.state.attack_grad_evals,
         "time_s": tr.state.elapsed,
-        "eval_n": min(tr.config.eval_n, len(tr.data.y_test)),
+        "eval_n": len(fixed_subset(tr.data.x_test, tr.data.y_test, tr.config.eval_n)[1]),
         "eval_attack": f"PGD-{tr.config.eval_steps} (random start, step 2.5 eps / steps)",
         "config_hash": tr.config.hash(),
     }

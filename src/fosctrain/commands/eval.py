@@ -1,0 +1,172 @@
+"""`fosc eval CHECKPOINT_OR_RUN`: robust accuracy under FGSM, PGD, C&W-inf (and optionally
+AutoAttack and a transfer attack), with 95% intervals and gradient-masking checks.
+
+Defaults come from the run: eps from its config.json, data = the first --n examples of its
+dataset's test split. Results go to --out (default RUN/eval/) as eval.json and eval.csv. An
+earlier evaluation is never overwritten silently: if eval.json or eval.csv exists there, the
+next free name eval-2, eval-3, ... is used, unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fosctrain.data import load_dataset
+from fosctrain.errors import UserError
+from fosctrain.evaluate import ATTACK_NAMES, L2_ATTACKS, evaluate, format_table, write_report
+from fosctrain.runs import LoadedModel, load_model, read_config, resolve_checkpoint
+
+REQUIRED_CONFIG = ("model",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--eps", type=float, nargs="+", help="budgets (default: the run's eps)")
+    parser.add_argument(
+        "--attacks",
+        nargs="+",
+        metavar="ATTACK",
+        help=f"attacks to run (default: {' '.join(ATTACK_NAMES)}; L2 runs: pgd)",
+    )
+    parser.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
+    parser.add_argument("--cw-steps", type=int, default=30, help="C&W-inf steps (default 30)")
+    parser.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
+    parser.add_argument("--alpha", type=float, help="PGD/C&W step size (default 2.5 * eps / steps)")
+    parser.add_argument("--n", type=int, default=1000, help="test examples (default 1000)")
+    parser.add_argument("--source", help="checkpoint or run to craft a transfer attack on")
+    parser.add_argument("--autoattack", action="store_true", help="also run AutoAttack")
+    parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
+    parser.add_argument("--out", help="output directory (default: RUN/eval)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier eval.json in --out"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the verbs that load a trained model and its test data."""
+    parser.add_argument("target", metavar="CHECKPOINT_OR_RUN", help="run directory or checkpoint")
+    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
+    parser.add_argument("--dataset", help="dataset name (default: the run's)")
+    parser.add_argument("--data-dir", help="dataset directory (default: the run's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random starts")
+    parser.add_argument("--batch-size", type=int, default=500, help="attack batch size")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The requested device, or cuda when available; UserError for an unusable one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"bad --device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def load_target(target: str, which: str, device: torch.device) -> tuple[LoadedModel, Path]:
+    """The model of a run directory or checkpoint file, and its run directory."""
+    run_dir, ckpt = resolve_checkpoint(target, which)
+    config = read_config(run_dir)
+    if not isinstance(config, dict):
+        raise UserError(f"{run_dir / 'config.json'}: expected a JSON object")
+    missing = [k for k in REQUIRED_CONFIG if k not in config]
+    if missing:
+        raise UserError(f"{run_dir / 'config.json'}: missing key(s) {', '.join(missing)}")
+    return load_model(ckpt, which=which, config=config, device=device), run_dir
+
+
+def test_data(config: dict, dataset: str | None, data_dir: str | None, n: int) -> tuple:
+    """The first n examples of the test split of the run's (or the given) dataset."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--n must be a positive integer, got {n!r}")
+    name = dataset or config.get("dataset")
+    if not name:
+        raise UserError("the run's config names no dataset; give --dataset")
+    ds = load_dataset(name, data_dir if data_dir is not None else config.get("data_dir"))
+    return ds.x_test[:n], ds.y_test[:n]
+
+
+def default_eps(config: dict, given: list[float] | None) -> list[float]:
+    if given:
+        return list(given)
+    eps = config.get("eps")
+    if eps is None:
+        raise UserError("the run's config has no eps; give --eps")
+    return list(eps) if isinstance(eps, list) else [eps]
+
+
+def free_stem(out_dir: Path, stem: str, suffixes: tuple[str, ...], overwrite: bool) -> str:
+    """`stem`, or with --overwrite off and a file of that name present, the first free
+    `stem-2`, `stem-3`, ... so that earlier results are never replaced silently."""
+    if overwrite:
+        return stem
+    candidate, k = stem, 1
+    while any((out_dir / f"{candidate}{s}").exists() for s in suffixes):
+        k += 1
+        candidate = f"{stem}-{k}"
+    return candidate
+
+
+def _source_model(source: str | None, which: str, device: torch.device) -> nn.Module | None:
+    return None if source is None else load_target(source, which, device)[0].model
+
+
+def run(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    loaded, run_dir = load_target(args.target, args.which, device)
+    config = loaded.config
+    norm = config.get("norm", "linf")
+    attacks = args.attacks or (ATTACK_NAMES if norm == "linf" else L2_ATTACKS)
+    x, y = test_data(config, args.dataset, args.data_dir, args.n)
+    source = _source_model(args.source, args.which, device)
+    report = evaluate(
+        loaded.model,
+        x,
+        y,
+        eps_list=default_eps(config, args.eps),
+        attacks=attacks,
+        pgd_steps=args.pgd_steps,
+        pgd_restarts=args.restarts,
+        cw_steps=args.cw_steps,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        norm=norm,
+        seed=args.seed,
+        autoattack=args.autoattack,
+        source_model=source,
+        checks=not args.no_checks,
+        progress=not args.no_progress,
+    )
+    report.meta = _meta(args, loaded, _labels(x, y))
+    out_dir = Path(args.out) if args.out else run_dir / "eval"
+    stem = free_stem(out_dir, "eval", (".json", ".csv"), args.overwrite)
+    paths = write_report(report, out_dir, stem)
+    print(format_table(report))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _labels(x: Tensor, y: Tensor) -> dict:
+    return {"n": int(x.shape[0]), "input_shape": list(x.shape[1:])}
+
+
+def _meta(args: argparse.Namespace, loaded: LoadedModel, data: dict) -> dict:
+    """Where the numbers come from: checkpoint, data, source model, command line."""
+    config = loaded.config
+    return {
+        "checkpoint": str(loaded.source),
+        "model": config.get("model"),
+        "method": config.get("method"),
+        "dataset": args.dataset or config.get("dataset"),
+        "split": "test",
+        "data": data,
+        "source": args.source,
+    }

@@ -1,0 +1,283 @@
+"""Figures (PNG, rendered by matplotlib's Agg canvas without pyplot: no display, no global
+backend switch): FOSC against PGD steps, and
+accuracy, training-example FOSC and compute against epochs for one or more runs.
+
+Every figure is rendered into memory and written with an atomic rename, so a reader never sees
+a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
+
+from fosctrain.errors import UserError
+from fosctrain.files import atomic_write_bytes
+from fosctrain.measure import MeasureResult
+
+DPI = 120
+RUN_FIGURES = ("accuracy.png", "fosc.png", "grad_evals.png")
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A pyplot-free figure whose layout is recomputed at draw time."""
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Render `fig` to PNG bytes in memory (Agg) and write them atomically."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------- FOSC vs PGD step
+
+
+def plot_measure(
+    result_or_csv: MeasureResult | str | Path, path: str | Path, log_y: bool = False
+) -> Path:
+    """FOSC against PGD step (median, p10-p90 band, mean) beside loss and accuracy."""
+    result = (
+        result_or_csv
+        if isinstance(result_or_csv, MeasureResult)
+        else MeasureResult.from_csv(result_or_csv)
+    )
+    fig = _figure(11, 4.2)
+    ax_f, ax_l = fig.subplots(1, 2)
+    steps = result.step
+    ax_f.fill_between(
+        steps, result.fosc_p10, result.fosc_p90, alpha=0.25, color="C0", label="p10-p90"
+    )
+    ax_f.plot(steps, result.fosc_median, color="C0", lw=2, label="median")
+    ax_f.plot(steps, result.fosc_mean, color="C1", lw=1.2, ls="--", label="mean")
+    if log_y and any(v > 0 for v in result.fosc_p10 + result.fosc_median):
+        ax_f.set_yscale("symlog", linthresh=_linthresh(result))
+    _style(ax_f, "FOSC during PGD", "PGD step", "FOSC (lower = better converged)")
+    ax_f.legend()
+    ax_l.plot(steps, result.loss_mean, color="C3", lw=2, label="mean attack loss")
+    _style(ax_l, "Attack loss and accuracy", "PGD step", "loss")
+    ax_a = ax_l.twinx()
+    ax_a.plot(steps, [100 * a for a in result.accuracy], color="C2", lw=2, label="accuracy")
+    ax_a.set_ylabel("accuracy (%)")
+    ax_a.set_ylim(-2, 102)
+    handles = ax_l.get_legend_handles_labels()[0] + ax_a.get_legend_handles_labels()[0]
+    ax_l.legend(handles=handles, loc="center right")
+    fig.suptitle(_measure_title(result.settings))
+    return save_figure(fig, path)
+
+
+def _linthresh(result: MeasureResult) -> float:
+    """Linear range of the symlog axis: below the smallest positive value plotted."""
+    positive = [v for v in result.fosc_p10 + result.fosc_median if v > 0]
+    return min(positive) if positive else 1.0
+
+
+def _measure_title(settings: dict) -> str:
+    keys = ("eps", "alpha", "loss", "norm", "n")
+    parts = [
+        f"{k}={settings[k]:.4g}" if isinstance(settings.get(k), float) else f"{k}={settings[k]}"
+        for k in keys
+        if k in settings
+    ]
+    if settings.get("random_start") is False:
+        parts.append("no random start")
+    return "PGD convergence" + (" (" + ", ".join(parts) + ")" if parts else "")
+
+
+def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
+# ---------------------------------------------------------------- runs against epochs
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """A run's per-epoch rows from metrics.jsonl (preferred) or metrics.csv.
+
+    A last line cut short (a run still writing) is skipped; any other bad line is an error.
+    """
+    run = Path(run_dir)
+    jsonl, csv_path = run / "metrics.jsonl", run / "metrics.csv"
+    if jsonl.is_file():
+        rows = _read_jsonl(jsonl)
+    elif csv_path.is_file():
+        rows = _read_csv(csv_path)
+    else:
+        raise UserError(f"{run}: no metrics.jsonl or metrics.csv; is it a training run directory?")
+    if not rows:
+        raise UserError(f"{run}: its metrics file has no epochs yet")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}:{i + 1}: not a JSON line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i + 1}: expected a JSON object per line")
+        rows.append(row)
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            raw = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    return [{k: _number(v) for k, v in row.items() if k is not None} for row in raw]
+
+
+def _number(value: object) -> object:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) for the rows where `key` holds a finite number."""
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        v = row.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            epoch = row.get("epoch", i)
+            xs.append(float(epoch) if isinstance(epoch, (int, float)) else float(i))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _run_label(run: Path) -> str:
+    """The run's directory name and its training method (from config.json, if readable)."""
+    try:
+        method = json.loads((run / "config.json").read_text(encoding="utf-8")).get("method")
+    except (OSError, ValueError, AttributeError):
+        method = None
+    name = run.resolve().name
+    return f"{name} ({method})" if method else name
+
+
+def _as_percent(runs: list[tuple[str, list[dict]]], keys: tuple[str, ...]) -> bool:
+    """True when the accuracies are fractions (all <= 1), so they are shown as percent."""
+    values = [v for _, rows in runs for k in keys for v in _series(rows, k)[1]]
+    return bool(values) and max(values) <= 1.0
+
+
+def _plot_accuracy(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    keys = ("test_clean_acc", "test_robust_acc")
+    scale = 100.0 if _as_percent(runs, keys) else 1.0
+    for i, (label, rows) in enumerate(runs):
+        for key, ls, what in ((keys[0], "-", "clean"), (keys[1], "--", "robust")):
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(
+                    xs,
+                    [scale * v for v in ys],
+                    ls=ls,
+                    color=f"C{i}",
+                    marker=".",
+                    label=f"{label}: {what}",
+                )
+    _style(
+        ax,
+        "Test accuracy (solid: clean, dashed: robust)",
+        "epoch",
+        "accuracy (%)" if scale == 100.0 else "accuracy",
+    )
+    _legend(ax)
+    return save_figure(fig, path)
+
+
+def _plot_fosc(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    for i, (label, rows) in enumerate(runs):
+        for key, ls, what in (
+            ("fosc_mean", "-", "mean"),
+            ("fosc_median", ":", "median"),
+            ("fosc_target", "--", "DAT target"),
+        ):
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(
+                    xs,
+                    ys,
+                    ls=ls,
+                    color=f"C{i}",
+                    lw=1.2 if key == "fosc_target" else 1.8,
+                    label=f"{label}: {what}",
+                )
+    _style(ax, "FOSC of the training examples (dashed: DAT target)", "epoch", "FOSC")
+    _legend(ax)
+    return save_figure(fig, path)
+
+
+def _plot_grad_evals(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    for i, (label, rows) in enumerate(runs):
+        xs, ys = _series(rows, "grad_evals")
+        if xs:
+            ax.plot(xs, ys, color=f"C{i}", marker=".", label=label)
+    _style(
+        ax, "Cumulative gradient evaluations (attack cost)", "epoch", "input-gradient evaluations"
+    )
+    ax.yaxis.set_major_formatter(EngFormatter())
+    _legend(ax)
+    return save_figure(fig, path)
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no data in these runs' metrics",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """accuracy.png, fosc.png and grad_evals.png for the runs overlaid, one colour per run."""
+    if not run_dirs:
+        raise UserError("give at least one run directory")
+    runs = []
+    for run_dir in run_dirs:
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise UserError(f"{run}: not a directory")
+        runs.append((_run_label(run), read_metrics(run)))
+    out = Path(out_dir)
+    return [
+        _plot_accuracy(runs, out / RUN_FIGURES[0]),
+        _plot_fosc(runs, out / RUN_FIGURES[1]),
+        _plot_grad_evals(runs, out / RUN_FIGURES[2]),
+    ]
