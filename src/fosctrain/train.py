@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -219,7 +220,7 @@ def build_trainer(
 def _restore(tr: Trainer) -> None:
     ckpt, warnings = load_latest_valid(tr.run_dir, "last", expected_config_hash=tr.config.hash())
     for w in warnings:
-        tqdm.write(f"fosc: warning: {w}")
+        tqdm.write(f"fosc: warning: {w}", file=sys.stderr)
     restore(ckpt, tr.model, tr.optimizer)
     saved = ckpt.state()
     tr.state = RunState(**json.loads(saved["run"]))
@@ -450,12 +451,19 @@ def calibrate(tr: Trainer) -> None:
     tr.state.c_max = tr.method.calibrate(tr.model, x, y, gen)
     tqdm.write(
         f"fosc: c_max auto = {tr.state.c_max:.4g} "
-        f"(the {tr.config.c_max_quantile:g}-quantile of step-1 FOSC on {len(y)} training examples)"
+        f"(the {tr.config.c_max_quantile:g}-quantile of step-1 FOSC on {len(y)} training examples)",
+        file=sys.stderr,
     )
 
 
 def fit(tr: Trainer) -> dict[str, Any]:
     """Train until the configured epoch count; returns the summary."""
+    cfg = tr.config
+    tqdm.write(
+        f"fosc: {cfg.method} on {cfg.dataset} ({cfg.model}), epoch {tr.state.epoch + 1} of "
+        f"{cfg.epochs} -> {tr.run_dir}",
+        file=sys.stderr,
+    )
     calibrate(tr)
     try:
         with graceful_stop(tr):

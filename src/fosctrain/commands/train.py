@@ -123,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
     run_dir = run_dir_for(args, config)
-    print(f"fosc: training {config.method} on {config.dataset} -> {run_dir}", file=sys.stderr)
     try:
         summary = train(
             config,

@@ -1,0 +1,126 @@
+"""The `fosc` command line around training: version, help, print-config, a tiny real run, and
+bad input answered with one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fosctrain import __version__
+from fosctrain.cli import main
+
+TINY = [
+    "--train-n", "64", "--epochs", "1", "--batch-size", "32", "--steps", "2",
+    "--eval-n", "32", "--eval-steps", "2", "--threads", "1", "--no-progress",
+]  # fmt: skip
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("fosc: error:")
+    return err[0]
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for verb in ("train", "attack", "eval", "measure", "plot"):
+        assert verb in out
+
+
+def test_python_dash_m_works():
+    out = subprocess.run(
+        [sys.executable, "-m", "fosctrain", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_print_config_resolves_preset_and_overrides(capsys):
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "mnist-paper",
+                "--lr",
+                "0.05",
+                "--data-dir",
+                "d",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["epochs"], cfg["lr"], cfg["lr_milestones"], cfg["dataset"]) == (
+        50,
+        0.05,
+        [20, 40],
+        "mnist",
+    )
+
+
+def test_tiny_training_run_prints_accuracies(tmp_path, capsys):
+    code = main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "r", "--c-max", "auto"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "clean accuracy:" in out and "PGD-20 accuracy:" in out and "gradient evaluations" in out
+    assert "c_max" in out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["final"]["epoch"] == 1
+
+
+def test_default_run_names_never_collide(tmp_path, capsys):
+    for _ in range(2):
+        assert main(["train", *TINY, "--method", "natural", "--runs-dir", str(tmp_path)]) == 0
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--method", "bogus", "--print-config"], "unknown method"),
+        (["train", "--eps", "-1", "--print-config"], "eps must be"),
+        (["train", "--eps", "nan", "--print-config"], "eps must be"),
+        (["train", "--steps", "0", "--print-config"], "steps must be"),
+        (["train", "--c-max", "-2", "--print-config"], "c_max must be"),
+        (["train", "--c-max", "lots", "--print-config"], "invalid _c_max value"),
+        (["train", "--preset", "imagenet", "--print-config"], "invalid choice"),
+        (["train", "--frobnicate"], "unrecognized arguments"),
+        (["train", "--config", "/nonexistent.toml", "--print-config"], "cannot read config"),
+        (["train", "--resume", "/nonexistent/run"], "nothing to resume"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(capsys, argv, fragment):
+    assert main(argv) == 2
+    assert fragment in one_error_line(capsys)
+
+
+def test_existing_run_dir_is_refused_and_kept(tmp_path, capsys):
+    args = ["train", *TINY, "--method", "natural", "--runs-dir", str(tmp_path), "--name", "r"]
+    assert main(args) == 0
+    before = (tmp_path / "r" / "metrics.csv").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a run" in one_error_line(capsys)
+    assert (tmp_path / "r" / "metrics.csv").read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_resume_of_finished_run_and_mismatched_options(tmp_path, capsys):
+    args = ["train", *TINY, "--method", "natural", "--runs-dir", str(tmp_path), "--name", "r"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert "clean accuracy" in capsys.readouterr().out
+    assert main(["train", "--resume", str(tmp_path / "r"), "--model", "cifar-cnn8"]) == 2
+    assert "different configuration" in one_error_line(capsys)
