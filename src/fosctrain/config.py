@@ -32,8 +32,8 @@ class Config:
     train_n: int = field(default=0, metadata={"help": "train on a fixed subset of N (0: all)"})
     epochs: int = field(default=10, metadata={"help": "training epochs T"})
     batch_size: int = 64
-    optimizer: str = field(default="sgd", metadata={"help": "sgd or adam"})
-    lr: float = 0.01
+    optimizer: str = field(default="adam", metadata={"help": "sgd or adam"})
+    lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: str = field(default="multistep", metadata={"help": "multistep, cosine, constant"})
@@ -47,7 +47,7 @@ class Config:
     random_start: bool = True
     fosc_box: bool = field(default=False, metadata={"help": "exact box-aware FOSC"})
     c_max: float | str = field(
-        default=0.5, metadata={"help": "DAT: FOSC target at epoch 0, or auto"}
+        default="auto", metadata={"help": "DAT: FOSC target at epoch 0, or auto"}
     )
     c_max_quantile: float = field(
         default=0.5, metadata={"help": "DAT --c-max auto: quantile of step-1 FOSC at the start"}
@@ -109,6 +109,8 @@ RUNTIME_FIELDS = frozenset({"device", "threads", "eval_every", "compile"})
 PRESETS: dict[str, dict[str, Any]] = {
     "mnist-paper": dict(
         dataset="mnist",
+        optimizer="sgd",
+        c_max=0.5,
         model="mnist-cnn",
         epochs=50,
         batch_size=128,
@@ -124,6 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="cifar-cnn8",
         epochs=120,
         batch_size=128,
+        optimizer="sgd",
         lr=0.01,
         momentum=0.9,
         weight_decay=1e-4,
@@ -140,6 +143,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model="wrn-34-10",
         epochs=120,
         batch_size=128,
+        optimizer="sgd",
         lr=0.01,
         momentum=0.9,
         weight_decay=1e-4,
