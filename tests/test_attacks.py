@@ -467,9 +467,33 @@ def test_attack_on_linear_model_with_existing_grads(linear_model):
         torch.equal(p.grad, g) for p, g in zip(linear_model.parameters(), grads, strict=True)
     )
     assert all(p.requires_grad for p in linear_model.parameters())
-    # For a linear model the CE input gradient sign is piecewise constant: PGD reaches the
-    # corner x0 + eps sign(g) (clipped), where the box FOSC of that gradient is 0.
     assert ((res.x_adv - x).abs() <= 0.1 + 1e-6).all()
+
+
+def test_linear_loss_reaches_the_vertex_where_box_fosc_is_zero():
+    """A 2-class linear model under the C&W margin has the constant input gradient
+    w_other - w_y: PGD walks to the clipped vertex x0 + eps sign(g), a KKT point of the real
+    threat set, where the box FOSC is exactly 0 and the paper form is not (clipped pixels)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 4, 4, generator=gen)
+    x[:, 0, 0] = 1.0  # saturated pixels, so clipping happens
+    x[:, 0, 1] = 0.0
+    y = torch.randint(0, 2, (8,), generator=gen)
+    eps = 0.1
+    res = CWInf(eps=eps, alpha=0.05, steps=3, random_start=False, fosc_box=True, final_fosc=True)(
+        model, x, y
+    )
+    w = model[1].weight.detach()
+    g = (w[1 - y] - w[y]).view(8, 1, 4, 4)
+    vertex = torch.clamp(x + eps * g.sign(), 0, 1)
+    torch.testing.assert_close(res.x_adv, vertex, rtol=0, atol=1e-7)
+    assert res.fosc.abs().max().item() <= 1e-6
+    assert res.fosc_trace[0].min() > 0.01  # it was far from stationary at x0
+    paper = fosc(res.x_adv, x, g, eps)
+    assert paper.min() > 1e-3
 
 
 # --------------------------------------------------------------------------- stopping rules

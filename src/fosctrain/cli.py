@@ -43,6 +43,11 @@ def build_parser(verbs: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """Line breaks (an argument echoed back may hold one) shown escaped, as in repr()."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return int(_load(args.verb).run(args) or 0)
     except UserError as e:
-        print(f"fosc: error: {e}", file=sys.stderr)
+        print(f"fosc: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"fosc: error: {e}", file=sys.stderr)

@@ -9,9 +9,16 @@ robust in `worst_case` only if it is classified correctly clean and under every 
 
 Step sizes: FGSM takes one step of eps; PGD and C&W use alpha = 2.5 * eps / steps (Madry et
 al. 2018: the steps can cross the ball 2.5 times, so random starts at a corner still reach
-the far side) unless an explicit `alpha` is given. FOSC statistics are those of PGD's final
-points (final_fosc=True), box-aware by default because evaluation points are clipped to
-[0, 1] and the paper's closed form stays large at clipped pixels even when PGD has converged.
+the far side) unless an explicit `alpha` is given.
+
+FOSC: for the first PGD restart, FOSC is measured exactly at the random start and at the final
+points (one input-gradient pass each, as final_fosc=True would), box-aware by default because
+evaluation points are clipped to [0, 1] and the paper's closed form stays large at clipped
+pixels even when PGD has converged. Besides FOSC itself the report gives relative FOSC, FOSC
+over the range of the linearized loss over the threat set (in [0, 1]; about 0.5 at a random
+point, 0 at a stationary one). Raw FOSC scales with the gradient norm, which grows as PGD
+climbs the loss: on a naturally trained MNIST CNN the final mean FOSC of PGD-20 is twice its
+start value although PGD reaches 0% accuracy, while its relative FOSC falls from 0.5 to 0.15.
 
 Sanity checks (on by default; each adds a warning with its numbers to `report.warnings`):
 - FGSM stronger than PGD by more than CHECK_MARGIN: a one-step attack beating PGD points to
@@ -23,9 +30,10 @@ Sanity checks (on by default; each adds a warning with its numbers to `report.wa
   pixel of near-binary data can be moved to grey, at eps 1 the ball is the whole image box,
   so a working attack reaches ~0%.
 - The transfer attack beats white-box PGD by more than CHECK_MARGIN.
-- PGD's final mean FOSC is above FOSC_RATIO_MAX (50%) of its mean at the first (random
-  start) point: the attack has not converged.
-- The input gradient is exactly zero (FOSC 0) at PGD's random start for more than
+- PGD's final mean FOSC is above FOSC_RATIO_MAX (50%) of its mean at the random start, both
+  in absolute terms and relative to the gradient scale (the absolute ratio alone fires
+  whenever gradients grow as PGD climbs the loss, see above): the attack has not converged.
+- The input gradient is exactly zero at PGD's random start for more than
   ZERO_GRAD_MAX (50%) of the examples: PGD cannot move (masked or saturated gradients).
 """
 
@@ -44,9 +52,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fosctrain.attacks import FGSM, PGD, PGDL2, CWInf, attack_mode
+from fosctrain.attacks.engine import project, random_start
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json, atomic_write_text
-from fosctrain.fosc import fosc_stats
+from fosctrain.fosc import fosc, fosc_stats
+from fosctrain.losses import input_gradient, objective
 
 ATTACK_NAMES = ("fgsm", "pgd", "cw")
 L2_ATTACKS = ("pgd",)
@@ -56,10 +66,12 @@ LARGE_EPS_MAX_ACC = 0.10
 FOSC_RATIO_MAX = 0.5
 ZERO_GRAD_MAX = 0.5
 CHECK_N = 256
+BOUNDS = (0.0, 1.0)
 AUTOATTACK_HINT = (
     "AutoAttack needs torchattacks: pip install 'fosctrain[autoattack]' (with --no-deps, "
     "see README)"
 )
+AUTOATTACK_MIN_CLASSES = 4
 CSV_COLUMNS = ("eps", "attack", "acc", "ci_low", "ci_high", "correct", "n")
 
 
@@ -72,7 +84,9 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denom = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    lo = 0.0 if correct == 0 else max(0.0, center - half)
+    hi = 1.0 if correct == n else min(1.0, center + half)
+    return lo, hi
 
 
 @dataclass
@@ -260,17 +274,89 @@ def _make_attack(name: str, eps: float, cfg: _Config, steps: int | None = None) 
         return FGSM(eps=eps)
     steps = steps or (cfg.cw_steps if name == "cw" else cfg.pgd_steps)
     alpha = _pgd_alpha(cfg, eps, steps)
+    box = cfg.fosc_box and cfg.norm == "linf"
     if name == "cw":
-        return CWInf(eps=eps, alpha=alpha, steps=steps, fosc_box=cfg.fosc_box)
+        return CWInf(eps=eps, alpha=alpha, steps=steps, fosc_box=box)
     cls = PGDL2 if cfg.norm == "l2" else PGD
-    return cls(eps=eps, alpha=alpha, steps=steps, final_fosc=True, fosc_box=cfg.fosc_box)
+    return cls(eps=eps, alpha=alpha, steps=steps, fosc_box=box)
+
+
+def linear_range(x0: Tensor, grad: Tensor, eps: float, norm: str, fosc_box: bool) -> Tensor:
+    """Per example, max - min of the linearized loss <z, g> over the threat set around x0:
+    the largest value FOSC can take, used to make FOSC scale-free."""
+    g = grad.flatten(1)
+    if norm == "l2":
+        return 2 * eps * g.norm(dim=1)
+    if not fosc_box:
+        return 2 * eps * g.abs().sum(1)
+    lo = torch.clamp(x0 - eps, min=BOUNDS[0])
+    hi = torch.clamp(x0 + eps, max=BOUNDS[1])
+    return (g.abs() * (hi - lo).flatten(1)).sum(1)
+
+
+def point_fosc(
+    model: nn.Module,
+    x0: Tensor,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    norm: str = "linf",
+    fosc_box: bool = True,
+    loss: str = "ce",
+) -> tuple[Tensor, Tensor]:
+    """FOSC at the points x (threat set around x0) and relative FOSC: FOSC divided by the
+    range of the linearized loss over the threat set, in [0, 1]. A uniformly random point of
+    the set scores about 0.5 and a stationary point 0, whatever the gradient's scale; NaN
+    where the gradient is zero. Costs one input-gradient pass."""
+    grad, _, _ = input_gradient(model, x, y, objective(loss))
+    box = fosc_box and norm == "linf"
+    c = fosc(x, x0, grad, eps, norm, BOUNDS if box else None)
+    width = linear_range(x0, grad, eps, norm, box)
+    rel = torch.where(width > 0, c / width.clamp_min(1e-30), torch.full_like(c, float("nan")))
+    return c, rel
+
+
+def _start_point(attack: PGD, x0: Tensor, generator: torch.Generator) -> Tensor:
+    """The start the engine draws first from `generator` (pass a clone taken before the call)."""
+    if not attack.random_start:
+        return x0
+    start = random_start(x0, attack.eps, attack.norm, generator)
+    return project(start, x0, attack.eps, attack.norm, BOUNDS)
+
+
+def _clone(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
 
 
 @dataclass
 class _AttackOutcome:
+    """Per-example correctness at the attack's points and, when probed, FOSC and relative
+    FOSC at its start and final points."""
+
     correct: Tensor
-    fosc: Tensor
-    first_fosc: Tensor
+    probes: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _probe(
+    model: nn.Module,
+    attack: PGD,
+    x0: Tensor,
+    y: Tensor,
+    start_gen: torch.Generator,
+    x_adv: Tensor,
+    fosc_box: bool,
+) -> dict[str, Tensor]:
+    """FOSC and relative FOSC at the attack's random start and at its final points."""
+    out = {}
+    for where, point in (("start", _start_point(attack, x0, start_gen)), ("final", x_adv)):
+        c, rel = point_fosc(
+            model, x0, point, y, attack.eps, norm=attack.norm, fosc_box=fosc_box, loss=attack.loss
+        )
+        out[f"fosc_{where}"], out[f"rel_{where}"] = c.cpu(), rel.cpu()
+    return out
 
 
 def _run(
@@ -282,20 +368,24 @@ def _run(
     generator: torch.Generator,
     bar: tqdm,
     craft_on: nn.Module | None = None,
+    probe_box: bool | None = None,
 ) -> _AttackOutcome:
     """Attack every batch (crafted on `craft_on`, default the model itself) and record the
-    model's correctness at the adversarial points plus their FOSC."""
+    model's correctness at the adversarial points; with `probe_box` set (True: box-aware),
+    also FOSC at the start and final points (two extra gradient passes)."""
     source = craft_on if craft_on is not None else model
     dev = _device(source)
-    correct, final, first = [], [], []
+    correct, probes = [], []
     for span in _spans(x.shape[0], batch_size):
         xb, yb = x[span].to(dev), y[span].to(dev)
+        start_gen = _clone(generator) if probe_box is not None else None
         res = attack(source, xb, yb, generator=generator)
         correct.append(_correct(model, res.x_adv, yb))
-        final.append(res.fosc.cpu())
-        first.append(res.fosc_trace[0].cpu())
+        if start_gen is not None:
+            probes.append(_probe(source, attack, xb, yb, start_gen, res.x_adv, probe_box))
         bar.update(1)
-    return _AttackOutcome(torch.cat(correct), torch.cat(final), torch.cat(first))
+    merged = {k: torch.cat([p[k] for p in probes]) for k in probes[0]} if probes else {}
+    return _AttackOutcome(torch.cat(correct), merged)
 
 
 def _run_restarts(
@@ -307,12 +397,15 @@ def _run_restarts(
     restarts: int,
     bar: tqdm,
     *keys: object,
+    probe: bool = False,
 ) -> tuple[Tensor, _AttackOutcome]:
     """Run `restarts` independent random starts; an example survives only if it survives all.
-    Returns the AND mask and the first restart's outcome (for its FOSC)."""
+    Returns the AND mask and the first restart's outcome (probed for FOSC if `probe`)."""
     mask, first = None, None
     for r in range(restarts):
-        out = _run(model, attack, x, y, cfg.batch_size, _generator(cfg.seed, *keys, r), bar)
+        gen = _generator(cfg.seed, *keys, r)
+        box = cfg.fosc_box if probe and r == 0 else None
+        out = _run(model, attack, x, y, cfg.batch_size, gen, bar, probe_box=box)
         if first is None:
             first = out
         mask = out.correct if mask is None else mask & out.correct
@@ -328,8 +421,7 @@ def _autoattack_correct(
     except ImportError:
         raise UserError(AUTOATTACK_HINT) from None
     dev = _device(model)
-    with torch.no_grad():
-        n_classes = int(model(x[:1].to(dev)).shape[1])
+    n_classes = _autoattack_classes(model, x)
     atk = torchattacks.AutoAttack(
         model,
         norm="Linf" if cfg.norm == "linf" else "L2",
@@ -346,14 +438,24 @@ def _autoattack_correct(
     return torch.cat(correct)
 
 
-def _fosc_summary(out: _AttackOutcome) -> dict[str, float]:
-    """Final-point FOSC statistics and the first-point mean they are compared with."""
-    stats = fosc_stats(out.fosc)
-    first = out.first_fosc[~torch.isnan(out.first_fosc)].double()
-    first_mean = first.mean().item() if first.numel() else float("nan")
-    stats["first_step_mean"] = first_mean
-    stats["ratio"] = stats["mean"] / first_mean if first_mean > 0 else float("nan")
-    stats["zero_grad_frac"] = (first == 0).double().mean().item() if first.numel() else 0.0
+def _nanmean(v: Tensor) -> float:
+    v = v[~torch.isnan(v)].double()
+    return v.mean().item() if v.numel() else float("nan")
+
+
+def _fosc_summary(probes: dict[str, Tensor]) -> dict[str, float]:
+    """FOSC statistics at PGD's final points, and the start values they are compared with."""
+    stats = fosc_stats(probes["fosc_final"])
+    rel_start, rel_final = _nanmean(probes["rel_start"]), _nanmean(probes["rel_final"])
+    start = _nanmean(probes["fosc_start"])
+    stats.update(
+        first_step_mean=start,
+        ratio=stats["mean"] / start if start > 0 else float("nan"),
+        relative_mean=rel_final,
+        relative_first_mean=rel_start,
+        relative_ratio=rel_final / rel_start if rel_start > 0 else float("nan"),
+        zero_grad_frac=torch.isnan(probes["rel_start"]).double().mean().item(),
+    )
     return stats
 
 
@@ -373,66 +475,100 @@ class _EpsContext:
     checks: bool
 
 
+@dataclass
+class _Tally:
+    """What one eps collects: accuracies, settings and timings per attack, the worst case."""
+
+    worst: Tensor
+    accs: dict[str, Accuracy] = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, mask: Tensor, settings: dict, started: float) -> None:
+        self.timing[name] = time.perf_counter() - started
+        self.settings[name] = settings
+        self.accs[name] = Accuracy.of(mask)
+        self.worst &= mask
+
+
+def _white_box(
+    ctx: _EpsContext, tally: _Tally, index: int, eps: float, name: str
+) -> tuple[Tensor, _AttackOutcome]:
+    """One white-box attack (PGD: with its restarts, the first probed for FOSC)."""
+    ctx.bar.set_description(f"eps={eps:g} {name}")
+    attack = _make_attack(name, eps, ctx.cfg)
+    restarts = ctx.cfg.pgd_restarts if name == "pgd" else 1
+    started = time.perf_counter()
+    mask, out = _run_restarts(
+        ctx.model,
+        attack,
+        ctx.x,
+        ctx.y,
+        ctx.cfg,
+        restarts,
+        ctx.bar,
+        index,
+        name,
+        probe=name == "pgd",
+    )
+    tally.add(name, mask, {**attack.describe(), "restarts": restarts}, started)
+    return mask, out
+
+
+def _autoattack(ctx: _EpsContext, tally: _Tally, eps: float) -> None:
+    ctx.bar.set_description(f"eps={eps:g} autoattack")
+    started = time.perf_counter()
+    mask = _autoattack_correct(ctx.model, ctx.x, ctx.y, eps, ctx.cfg, ctx.bar)
+    settings = {
+        "name": "AutoAttack",
+        "version": "standard",
+        "eps": eps,
+        "norm": ctx.cfg.norm,
+        "seed": ctx.cfg.seed,
+        "library": "torchattacks",
+    }
+    tally.add("autoattack", mask, settings, started)
+
+
+def _transfer(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> None:
+    """Black-box transfer: PGD crafted on the source model, scored on the model."""
+    ctx.bar.set_description(f"eps={eps:g} transfer")
+    attack = _make_attack("pgd", eps, ctx.cfg)
+    started = time.perf_counter()
+    gen = _generator(ctx.cfg.seed, index, "transfer")
+    out = _run(
+        ctx.model, attack, ctx.x, ctx.y, ctx.cfg.batch_size, gen, ctx.bar, craft_on=ctx.source_model
+    )
+    settings = {**attack.describe(), "restarts": 1, "crafted_on": "source_model"}
+    tally.add("transfer", out.correct, settings, started)
+
+
 def _evaluate_eps(ctx: _EpsContext, index: int, eps: float) -> tuple[EpsResult, list[str]]:
     """All attacks at one budget, their worst case, FOSC and the per-eps checks."""
-    cfg, accs, settings, timing = ctx.cfg, {}, {}, {}
-    worst = ctx.clean.clone()
-    pgd_out: _AttackOutcome | None = None
+    tally = _Tally(ctx.clean.clone())
+    fosc: dict[str, float] = {}
     pgd_mask: Tensor | None = None
-    for name in cfg.attacks:
-        ctx.bar.set_description(f"eps={eps:g} {name}")
-        attack = _make_attack(name, eps, cfg)
-        restarts = cfg.pgd_restarts if name == "pgd" else 1
-        start = time.perf_counter()
-        mask, out = _run_restarts(
-            ctx.model, attack, ctx.x, ctx.y, cfg, restarts, ctx.bar, index, name
-        )
-        timing[name] = time.perf_counter() - start
-        settings[name] = {**attack.describe(), "restarts": restarts}
-        accs[name] = Accuracy.of(mask)
-        worst &= mask
+    for name in ctx.cfg.attacks:
+        mask, out = _white_box(ctx, tally, index, eps, name)
         if name == "pgd":
-            pgd_out, pgd_mask = out, mask
+            pgd_mask, fosc = mask, _fosc_summary(out.probes)
     if ctx.autoattack:
-        ctx.bar.set_description(f"eps={eps:g} autoattack")
-        start = time.perf_counter()
-        mask = _autoattack_correct(ctx.model, ctx.x, ctx.y, eps, cfg, ctx.bar)
-        timing["autoattack"] = time.perf_counter() - start
-        settings["autoattack"] = {
-            "name": "AutoAttack",
-            "version": "standard",
-            "eps": eps,
-            "norm": cfg.norm,
-            "seed": cfg.seed,
-            "library": "torchattacks",
-        }
-        accs["autoattack"] = Accuracy.of(mask)
-        worst &= mask
+        _autoattack(ctx, tally, eps)
     if ctx.source_model is not None:
-        ctx.bar.set_description(f"eps={eps:g} transfer")
-        attack = _make_attack("pgd", eps, cfg)
-        start = time.perf_counter()
-        out = _run(
-            ctx.model,
-            attack,
-            ctx.x,
-            ctx.y,
-            cfg.batch_size,
-            _generator(cfg.seed, index, "transfer"),
-            ctx.bar,
-            craft_on=ctx.source_model,
-        )
-        timing["transfer"] = time.perf_counter() - start
-        settings["transfer"] = {**attack.describe(), "restarts": 1, "crafted_on": "source_model"}
-        accs["transfer"] = Accuracy.of(out.correct)
-        worst &= out.correct
-    fosc = _fosc_summary(pgd_out) if pgd_out is not None else {}
+        _transfer(ctx, tally, index, eps)
     numbers: dict[str, float] = {}
     warnings: list[str] = []
     if ctx.checks:
-        numbers, warnings = _eps_checks(ctx, index, eps, accs, fosc, pgd_mask)
+        numbers, warnings = _eps_checks(ctx, index, eps, tally.accs, fosc, pgd_mask)
     result = EpsResult(
-        eps, Accuracy.of(ctx.clean), accs, Accuracy.of(worst), fosc, settings, numbers, timing
+        eps,
+        Accuracy.of(ctx.clean),
+        tally.accs,
+        Accuracy.of(tally.worst),
+        fosc,
+        tally.settings,
+        numbers,
+        tally.timing,
     )
     return result, warnings
 
@@ -524,11 +660,14 @@ def _check_transfer(eps: float, transfer: float, pgd: float) -> list[str]:
 def _check_fosc(eps: float, fosc: dict[str, float]) -> list[str]:
     out = []
     ratio = fosc.get("ratio", float("nan"))
-    if math.isfinite(ratio) and ratio > FOSC_RATIO_MAX:
+    relative = fosc.get("relative_ratio", float("nan"))
+    if _above(ratio, FOSC_RATIO_MAX) and _above(relative, FOSC_RATIO_MAX):
         out.append(
-            f"eps={eps:g}: PGD's final mean FOSC {fosc['mean']:.4g} is {ratio:.0%} of its "
-            f"first-step mean {fosc['first_step_mean']:.4g} (more than {FOSC_RATIO_MAX:.0%}): "
-            "the attack has not converged (try more steps or a smaller step size)"
+            f"eps={eps:g}: PGD has not converged: its final mean FOSC {fosc['mean']:.4g} is "
+            f"{ratio:.0%} of the {fosc['first_step_mean']:.4g} at its random start, and "
+            f"relative to the gradient scale {relative:.0%} ({fosc['relative_mean']:.3f} vs "
+            f"{fosc['relative_first_mean']:.3f}), both more than {FOSC_RATIO_MAX:.0%}; try "
+            "more steps or a smaller step size"
         )
     zero = fosc.get("zero_grad_frac", 0.0)
     if zero > ZERO_GRAD_MAX:
@@ -538,6 +677,10 @@ def _check_fosc(eps: float, fosc: dict[str, float]) -> list[str]:
             "inputs, or a saturated softmax; try the cw attack)"
         )
     return out
+
+
+def _above(value: float, limit: float) -> bool:
+    return math.isfinite(value) and value > limit
 
 
 def large_eps(eps_list: Sequence[float], norm: str = "linf") -> float:
@@ -576,16 +719,6 @@ def _check_large_eps(ctx: _EpsContext, eps_list: list[float]) -> tuple[dict, lis
 # ---------------------------------------------------------------- entry point
 
 
-def _batches_per_eps(cfg: _Config, n: int, autoattack: bool, transfer: bool, checks: bool) -> int:
-    nb = len(_spans(n, cfg.batch_size))
-    units = sum(cfg.pgd_restarts if a == "pgd" else 1 for a in cfg.attacks)
-    units += int(autoattack) + int(transfer)
-    total = units * nb
-    if checks and "pgd" in cfg.attacks:
-        total += (cfg.pgd_restarts + 1) * len(_spans(min(cfg.check_n, n), cfg.batch_size))
-    return total
-
-
 def evaluate(
     model: nn.Module,
     x: Tensor,
@@ -613,30 +746,24 @@ def evaluate(
     `source_model` adds a black-box transfer attack (PGD crafted on it). The model runs in eval
     mode with frozen parameters; both are restored afterwards.
     """
+    attacks = (attacks,) if isinstance(attacks, str) else tuple(attacks)
     cfg = _Config(
-        tuple(attacks),
-        pgd_steps,
-        pgd_restarts,
-        cw_steps,
-        alpha,
-        batch_size,
-        norm,
-        seed,
-        fosc_box,
-        check_n,
+        attacks, pgd_steps, pgd_restarts, cw_steps, alpha, batch_size, norm, seed, fosc_box, check_n
     )
     _validate(cfg, int(x.shape[0]))
+    if not attacks and not autoattack and source_model is None:
+        raise UserError("no attack to run: give at least one of fgsm, pgd, cw")
     eps_values = validate_eps(eps_list, norm)
     _check_data(x, y)
+    x, y = x.detach().cpu(), y.detach().cpu()
     if autoattack:
         _require_torchattacks()
-    x, y = x.detach().cpu(), y.detach().cpu()
+        _autoattack_classes(model, x)
     start = time.perf_counter()
-    total = len(eps_values) * _batches_per_eps(
-        cfg, x.shape[0], autoattack, source_model is not None, checks
+    pgd_checks = checks and "pgd" in attacks
+    total = _progress_total(
+        cfg, x.shape[0], len(eps_values), autoattack, source_model is not None, pgd_checks
     )
-    if checks and "pgd" in cfg.attacks:
-        total += len(_spans(min(check_n, x.shape[0]), batch_size))
     bar = tqdm(total=total, disable=None if progress else True, unit="batch", leave=False)
     with bar, attack_mode(model), _maybe_attack_mode(source_model):
         clean = torch.cat([_correct(model, x[s], y[s]) for s in _spans(x.shape[0], batch_size)])
@@ -647,20 +774,27 @@ def evaluate(
             results.append(result)
             warnings += found
         global_checks: dict = {}
-        if checks and "pgd" in cfg.attacks:
+        if pgd_checks:
             global_checks, found = _check_large_eps(ctx, eps_values)
             warnings += found
     settings = _settings(cfg, eps_values, autoattack, source_model is not None, checks)
+    elapsed = time.perf_counter() - start
     return EvalReport(
-        int(x.shape[0]),
-        norm,
-        seed,
-        results,
-        settings,
-        global_checks,
-        warnings,
-        time.perf_counter() - start,
+        int(x.shape[0]), norm, seed, results, settings, global_checks, warnings, elapsed
     )
+
+
+def _progress_total(
+    cfg: _Config, n: int, n_eps: int, autoattack: bool, transfer: bool, pgd_checks: bool
+) -> int:
+    """Batches the progress bar counts: every attack and restart at every eps, the checks."""
+    batches = len(_spans(n, cfg.batch_size))
+    check_batches = len(_spans(min(cfg.check_n, n), cfg.batch_size))
+    units = sum(cfg.pgd_restarts if a == "pgd" else 1 for a in cfg.attacks)
+    per_eps = (units + int(autoattack) + int(transfer)) * batches
+    if pgd_checks:
+        per_eps += (cfg.pgd_restarts + 1) * check_batches
+    return n_eps * per_eps + (check_batches if pgd_checks else 0)
 
 
 def _require_torchattacks() -> None:
@@ -668,6 +802,18 @@ def _require_torchattacks() -> None:
         import torchattacks  # noqa: F401
     except ImportError:
         raise UserError(AUTOATTACK_HINT) from None
+
+
+def _autoattack_classes(model: nn.Module, x: Tensor) -> int:
+    """The model's number of classes; UserError below the 4 AutoAttack's targeted DLR needs."""
+    with attack_mode(model), torch.no_grad():
+        n_classes = int(model(x[:1].to(_device(model))).shape[1])
+    if n_classes < AUTOATTACK_MIN_CLASSES:
+        raise UserError(
+            f"AutoAttack (standard) needs at least {AUTOATTACK_MIN_CLASSES} classes (its "
+            f"targeted DLR loss does); this model has {n_classes}"
+        )
+    return n_classes
 
 
 def _maybe_attack_mode(model: nn.Module | None) -> contextlib.AbstractContextManager:
@@ -747,8 +893,9 @@ def format_table(report: EvalReport) -> str:
             f = r.fosc
             lines.append(
                 f"{'':>8}  PGD final FOSC: mean {f['mean']:.4g}, median "
-                f"{f['median']:.4g}, p90 {f['p90']:.4g} (first step mean "
-                f"{f['first_step_mean']:.4g})"
+                f"{f['median']:.4g}, p90 {f['p90']:.4g} (start: mean "
+                f"{f['first_step_mean']:.4g}); relative {f['relative_mean']:.3f} "
+                f"(start: {f['relative_first_mean']:.3f})"
             )
     if report.checks:
         c = report.checks

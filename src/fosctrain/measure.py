@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain.attacks import attack_mode
-from fosctrain.attacks.engine import ascent_step, project, random_start, validate
+from fosctrain.attacks.engine import ascent_step, project, validate
+from fosctrain.attacks.engine import random_start as draw_start
 from fosctrain.errors import UserError
 from fosctrain.evaluate import validate_eps
 from fosctrain.files import atomic_write_text
@@ -157,7 +158,7 @@ def _trace_batch(
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FOSC, loss and correctness (each steps+1 x B) at every PGD point of one batch."""
-    x = project(random_start(x0, eps, norm, generator), x0, eps, norm, BOUNDS) if start else x0
+    x = project(draw_start(x0, eps, norm, generator), x0, eps, norm, BOUNDS) if start else x0
     fbounds = BOUNDS if fosc_box else None
     fos, losses, correct = [], [], []
     for k in range(steps + 1):

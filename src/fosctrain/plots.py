@@ -1,6 +1,6 @@
-"""Figures (PNG, rendered by matplotlib's Agg canvas without pyplot: no display, no global
-backend switch): FOSC against PGD steps, and
-accuracy, training-example FOSC and compute against epochs for one or more runs.
+"""Figures as PNG: FOSC against PGD steps, and accuracy, training-example FOSC and compute
+against epochs for one or more runs. Rendered by matplotlib's Agg canvas without pyplot: no
+display needed, no global backend switch, no figures left open.
 
 Every figure is rendered into memory and written with an atomic rename, so a reader never sees
 a half-written PNG.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullFormatter
 
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_bytes
@@ -33,8 +33,9 @@ def _figure(width: float, height: float) -> Figure:
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Render `fig` to PNG bytes in memory (Agg) and write them atomically."""
+    FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf)
+    fig.savefig(buf, format="png")
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -60,26 +61,42 @@ def plot_measure(
     )
     ax_f.plot(steps, result.fosc_median, color="C0", lw=2, label="median")
     ax_f.plot(steps, result.fosc_mean, color="C1", lw=1.2, ls="--", label="mean")
-    if log_y and any(v > 0 for v in result.fosc_p10 + result.fosc_median):
-        ax_f.set_yscale("symlog", linthresh=_linthresh(result))
-    _style(ax_f, "FOSC during PGD", "PGD step", "FOSC (lower = better converged)")
+    if log_y:
+        _log_axis(ax_f, result.fosc_p10 + result.fosc_median + result.fosc_p90)
+    form = {True: " (box-aware)", False: " (paper form)"}.get(result.settings.get("fosc_box"), "")
+    _style(ax_f, f"FOSC during PGD{form}", "PGD step", "FOSC (lower = better converged)")
     ax_f.legend()
-    ax_l.plot(steps, result.loss_mean, color="C3", lw=2, label="mean attack loss")
-    _style(ax_l, "Attack loss and accuracy", "PGD step", "loss")
+    ax_l.plot(steps, result.loss_mean, color="C3", lw=2)
+    _style(ax_l, "Attack loss and accuracy", "PGD step", "mean attack loss")
     ax_a = ax_l.twinx()
-    ax_a.plot(steps, [100 * a for a in result.accuracy], color="C2", lw=2, label="accuracy")
+    ax_a.plot(steps, [100 * a for a in result.accuracy], color="C2", lw=2)
     ax_a.set_ylabel("accuracy (%)")
     ax_a.set_ylim(-2, 102)
-    handles = ax_l.get_legend_handles_labels()[0] + ax_a.get_legend_handles_labels()[0]
-    ax_l.legend(handles=handles, loc="center right")
+    _color_axis(ax_l, "C3", "left")
+    _color_axis(ax_a, "C2", "right")
     fig.suptitle(_measure_title(result.settings))
     return save_figure(fig, path)
 
 
-def _linthresh(result: MeasureResult) -> float:
-    """Linear range of the symlog axis: below the smallest positive value plotted."""
-    positive = [v for v in result.fosc_p10 + result.fosc_median if v > 0]
-    return min(positive) if positive else 1.0
+def _color_axis(ax, color: str, side: str) -> None:
+    """Colour an axis label and ticks like its line, instead of a legend over the data."""
+    ax.yaxis.label.set_color(color)
+    ax.tick_params(axis="y", colors=color)
+    ax.spines[side].set_color(color)
+
+
+def _log_axis(ax, values: list[float]) -> None:
+    """Logarithmic y axis with 1-2-5 ticks; symlog (linear near 0) when some values are 0."""
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return
+    if len(positive) == len(values):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    else:
+        ax.set_yscale("symlog", linthresh=min(positive))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _measure_title(settings: dict) -> str:

@@ -4,10 +4,16 @@ loss; this loop shuffles, steps the optimizer, evaluates, logs and checkpoints.
 Every random draw of a run comes from one seeded torch.Generator (shuffling, random starts,
 augmentation), saved in each checkpoint with the optimizer state, so an interrupted and resumed
 run ends with the same weights as an uninterrupted one.
+
+Under torchrun (or `fosc train --nproc N`) the same loop trains data-parallel: every rank holds
+the same generator, takes its shard of each global batch and trains a DistributedDataParallel
+wrapper of the model; the plumbing is in fosctrain.distributed, the rules in docs/DISTRIBUTED.md.
+Rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -24,10 +30,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fosctrain import distributed
 from fosctrain.attacks import PGD
 from fosctrain.checkpoint import load_latest_valid, restore, save_checkpoint
 from fosctrain.config import Config, validate
 from fosctrain.data import Dataset, load_dataset, random_crop_flip
+from fosctrain.distributed import SUM_KEYS, Dist
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
 from fosctrain.fosc import fosc_stats
@@ -80,6 +88,21 @@ class Trainer:
     tensorboard: TensorBoard | None = None
     stop_requested: bool = False
     epoch_start_rng: Tensor | None = None
+    dist: Dist = field(default_factory=Dist)
+    train_model: nn.Module | None = None  # what the training step runs: DDP and/or compiled
+    scaler: torch.amp.GradScaler | None = None  # --amp fp16
+
+    @property
+    def step_model(self) -> nn.Module:
+        """The model of the training forward; attacks and evaluation use `model` itself."""
+        return self.model if self.train_model is None else self.train_model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """--amp: autocast for the training forward and the attacks' forwards."""
+        if self.config.amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
 
 def select_device(name: str) -> torch.device:
@@ -100,6 +123,8 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool
     On resume the stored configuration is used; a differing `config` is an error."""
     if resume:
         stored = _stored_config(run_dir)
+        for debris in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.link")]:
+            debris.unlink(missing_ok=True)  # left by a write that a crash cut short
         if stored.hash() != config.hash():
             diff = [
                 k
@@ -155,23 +180,33 @@ def fixed_subset(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return x[idx], y[idx]
 
 
-def test_metrics(model: nn.Module, x: Tensor, y: Tensor, config: Config, seed: int) -> dict:
-    """Clean accuracy and PGD accuracy (eval_steps steps of 2.5 eps / steps, random start)."""
+def test_metrics(
+    model: nn.Module, x: Tensor, y: Tensor, config: Config, seed: int, dist: Dist | None = None
+) -> dict:
+    """Clean accuracy and PGD accuracy (eval_steps steps of 2.5 eps / steps, random start).
+
+    Data-parallel, each rank evaluates its shard of every chunk of 500 (with the random starts
+    a single process would draw) and the counts are summed: the same numbers, world-size times
+    faster."""
     if len(y) == 0:
         return {"test_clean_acc": math.nan, "test_robust_acc": math.nan}
+    dist = dist or Dist()
     pgd = PGD(eps=config.eps, alpha=2.5 * config.eps / config.eval_steps, steps=config.eval_steps)
     gen = torch.Generator().manual_seed(seed)
     clean = robust = 0
     was_training = model.training
     model.eval()
     for i in range(0, len(y), 500):
-        xb, yb = x[i : i + 500], y[i : i + 500]
+        lo, hi = dist.shard(len(y[i : i + 500]))
+        xb, yb = x[i + lo : i + hi], y[i + lo : i + hi]
         with torch.no_grad():
             clean += (model(xb).argmax(1) == yb).sum().item()
-        x_adv = pgd(model, xb, yb, generator=gen).x_adv
+        with dist.global_random_starts(lo, hi, len(y[i : i + 500])):
+            x_adv = pgd(model, xb, yb, generator=gen).x_adv
         with torch.no_grad():
             robust += (model(x_adv).argmax(1) == yb).sum().item()
     model.train(was_training)
+    clean, robust = dist.sum([clean, robust])
     return {"test_clean_acc": clean / len(y), "test_robust_acc": robust / len(y)}
 
 
@@ -184,19 +219,31 @@ def build_trainer(
     progress: bool = True,
     checkpoint_every: int = 0,
     tensorboard: bool = False,
+    dist: Dist | None = None,
 ) -> Trainer:
-    """Everything a run needs, fresh or restored from its last valid checkpoint."""
-    run_dir = Path(run_dir)
+    """Everything a run needs, fresh or restored from its last valid checkpoint.
+
+    `dist` (from fosctrain.distributed.session) makes it one rank of a data-parallel run:
+    rank 0 prepares the run directory, every rank builds the same model and state."""
+    dist = dist or Dist()
     validate(config)
-    config = prepare_run_dir(run_dir, config, resume, overwrite)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = select_device(config.device)
+    run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's name (a default holds the time)
     data = load_dataset(config.dataset, config.data_dir)
     data.x_train, data.y_train = fixed_subset(data.x_train, data.y_train, config.train_n)
+    dist.on_main(_check_world, config, dist, len(data.y_train))
+    _check_model_fits(config, data)  # before the run directory: a misfit leaves nothing behind
+    config = dist.on_main(prepare_run_dir, run_dir, config, resume, overwrite)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = dist.device if dist.enabled else select_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.to_dict()).to(device)
+    if config.sync_bn and dist.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer(config, model)
+    train_model = dist.wrap(model) if dist.enabled else None
+    if config.compile:
+        train_model = torch.compile(train_model or model)
     trainer = Trainer(
         config=config,
         run_dir=run_dir,
@@ -207,22 +254,67 @@ def build_trainer(
         device=device,
         generator=torch.Generator().manual_seed(config.seed),
         state=RunState(),
-        progress=progress,
+        progress=progress and dist.is_main,
         checkpoint_every=checkpoint_every,
+        dist=dist,
+        train_model=train_model,
+        scaler=torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
     )
     if resume:
         _restore(trainer)
-    if tensorboard:
+    if tensorboard and dist.is_main:
         trainer.tensorboard = TensorBoard(run_dir / "tensorboard")
     return trainer
 
 
+def _check_world(config: Config, dist: Dist, n_train: int) -> None:
+    """What the processes and their devices must allow (one line each)."""
+    if config.sync_bn and dist.enabled and dist.device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
+    last = n_train % config.batch_size
+    smallest = min(config.batch_size, last) if last else config.batch_size
+    if smallest < dist.world:
+        raise UserError(
+            f"{dist.world} processes need at least {dist.world} rows in every global batch, but "
+            f"a batch has {smallest} (--batch-size {config.batch_size}, {n_train} examples)"
+        )
+
+
+def _check_model_fits(config: Config, data: Dataset) -> None:
+    """One line instead of a traceback when the model cannot take the dataset's inputs."""
+    if config.num_classes < data.num_classes:
+        raise UserError(
+            f"num_classes {config.num_classes} is below the {data.num_classes} classes of "
+            f"{config.dataset}"
+        )
+    probe = build_model(config.to_dict()).eval()  # the global RNG is re-seeded afterwards
+    try:
+        with torch.no_grad():
+            probe(data.x_train[:2])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(
+            f"model {config.model!r} does not accept {config.dataset} inputs of shape "
+            f"{tuple(data.x_train.shape[1:])} ({first})"
+        ) from None
+
+
 def _restore(tr: Trainer) -> None:
+    names = ("last.safetensors", "last.json", "last-prev.safetensors", "last-prev.json")
+    if not any((tr.run_dir / n).exists() for n in names):  # killed before its first save
+        if tr.dist.is_main:
+            tqdm.write(
+                f"fosc: {tr.run_dir} has no checkpoint yet: starting from the beginning",
+                file=sys.stderr,
+            )
+        return
     ckpt, warnings = load_latest_valid(tr.run_dir, "last", expected_config_hash=tr.config.hash())
-    for w in warnings:
+    for w in warnings if tr.dist.is_main else []:
         tqdm.write(f"fosc: warning: {w}", file=sys.stderr)
     restore(ckpt, tr.model, tr.optimizer)
     saved = ckpt.state()
+    if tr.scaler is not None and "scaler" in saved:
+        tr.scaler.load_state_dict(json.loads(saved["scaler"]))
     tr.state = RunState(**json.loads(saved["run"]))
     tr.generator.set_state(saved["rng"])
     tr.epoch_start_rng = saved["epoch_rng"]
@@ -232,21 +324,27 @@ def _restore(tr: Trainer) -> None:
 
 
 def save(tr: Trainer, name: str = "last", keep_previous: bool = True) -> None:
-    state = {
-        "run": json.dumps(tr.state.__dict__),
-        "rng": tr.generator.get_state(),
-        "epoch_rng": tr.epoch_start_rng,
-        "torch_rng": torch.get_rng_state(),
-    }
-    save_checkpoint(
-        tr.run_dir,
-        name,
-        model=tr.model,
-        optimizer=tr.optimizer,
-        state=state,
-        config_hash=tr.config.hash(),
-        keep_previous=keep_previous,
-    )
+    """Rank 0 writes the checkpoint (of the unwrapped model: no DDP "module." prefixes); the
+    other ranks wait for it, so none runs ahead of a checkpoint."""
+    if tr.dist.is_main:
+        state = {
+            "run": json.dumps(tr.state.__dict__),
+            "rng": tr.generator.get_state(),
+            "epoch_rng": tr.epoch_start_rng,
+            "torch_rng": torch.get_rng_state(),
+        }
+        if tr.scaler is not None:
+            state["scaler"] = json.dumps(tr.scaler.state_dict())
+        save_checkpoint(
+            tr.run_dir,
+            name,
+            model=tr.model,
+            optimizer=tr.optimizer,
+            state=state,
+            config_hash=tr.config.hash(),
+            keep_previous=keep_previous,
+        )
+    tr.dist.barrier()
 
 
 @contextmanager
@@ -267,23 +365,42 @@ def graceful_stop(tr: Trainer) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def train_batch(tr: Trainer, x: Tensor, y: Tensor, t: float, epoch: int) -> dict[str, Any]:
-    """One optimizer step on the batch the method builds from (x, y); returns its statistics."""
-    result = tr.method.make_batch(tr.model, x, y, t, tr.generator)
+def train_batch(
+    tr: Trainer, x: Tensor, y: Tensor, t: float, epoch: int, global_n: int | None = None
+) -> dict[str, Any]:
+    """One optimizer step on the batch the method builds from (x, y); returns its statistics.
+
+    Data-parallel, (x, y) is this rank's shard of a global batch of `global_n` rows: the
+    attack runs on the plain module, the training forward through DDP (tr.step_model)."""
+    with tr.autocast():
+        result = tr.method.make_batch(tr.model, x, y, t, tr.generator)
     x_adv = x if result is None else result.x_adv
-    tr.model.train()
-    losses, logits = tr.method.loss(tr.model, x, x_adv, y, epoch)
-    loss = losses.mean()
-    if not torch.isfinite(loss):
-        if tr.config.skip_nonfinite:
-            return {"skipped": 1}
-        raise TrainingError(
-            f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}; the last good "
-            f"checkpoint in {tr.run_dir} is kept (lower --lr, or --skip-nonfinite)"
+    tr.step_model.train()
+    with tr.autocast():
+        losses, logits = tr.method.loss(tr.step_model, x, x_adv, y, epoch)
+    loss = losses.float().mean()
+    scale = 1.0 if global_n is None else tr.dist.loss_scale(len(y), global_n)
+    if scale != 1:  # uneven shards: DDP's average is then the global-batch mean's gradient
+        loss = loss * scale
+    if not tr.dist.all_true(bool(torch.isfinite(loss))):  # every rank skips, or none
+        if tr.config.skip_nonfinite:  # the attack's cost was spent all the same
+            return {"skipped": 1, "attack_evals": 0 if result is None else result.grad_evals}
+        raise distributed.shared(
+            TrainingError(
+                f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}; the last good "
+                f"checkpoint in {tr.run_dir} is kept (lower --lr, or --skip-nonfinite)"
+            )
         )
     tr.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    tr.optimizer.step()
+    if tr.scaler is None:
+        loss.backward()
+        tr.optimizer.step()
+    else:
+        tr.scaler.scale(loss).backward()
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    if not tr.config.sync_bn:
+        tr.dist.average_buffers(tr.model)
     stats = {
         "loss_sum": losses.detach().sum().item(),
         "correct": (logits.detach().argmax(1) == y).sum().item(),
@@ -295,9 +412,6 @@ def train_batch(tr: Trainer, x: Tensor, y: Tensor, t: float, epoch: int) -> dict
         stats["steps_sum"] = result.steps.sum().item()
         stats["fosc"] = result.fosc.tolist()
     return stats
-
-
-SUM_KEYS = ("loss_sum", "correct", "n", "train_evals", "attack_evals", "steps_sum", "skipped")
 
 
 def _epoch_order(tr: Trainer) -> Tensor:
@@ -338,7 +452,11 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
         if cfg.augment:
             x = random_crop_flip(x, tr.generator)
         t = epoch + b / n_batches if cfg.schedule_unit == "iteration" else float(epoch)
-        stats = train_batch(tr, x.to(tr.device), y.to(tr.device), t, epoch)
+        lo, hi = tr.dist.shard(len(idx))  # this rank's rows of the global batch (all of them)
+        x, y = x[lo:hi].to(tr.device), y[lo:hi].to(tr.device)
+        with tr.dist.global_random_starts(lo, hi, len(idx)):
+            stats = train_batch(tr, x, y, t, epoch, len(idx))
+        stats, stop = tr.dist.reduce_batch(stats, lo, hi, len(idx), tr.stop_requested)
         for k in SUM_KEYS:
             st.partial[k] = st.partial.get(k, 0) + stats.get(k, 0)
         st.fosc_values += stats.get("fosc", [])
@@ -346,7 +464,7 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
         st.partial["time"] = st.partial.get("time", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         bar.set_postfix(_postfix(st.partial), refresh=False)
-        if tr.stop_requested:
+        if stop:
             save(tr)
             raise Interrupted(f"stopped at epoch {epoch + 1}, batch {b + 1}; state saved")
         if tr.checkpoint_every and st.batch % tr.checkpoint_every == 0 and st.batch < n_batches:
@@ -367,6 +485,8 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
     """The metrics row of a finished epoch (test metrics every eval_every epochs)."""
     cfg, st, p = tr.config, tr.state, tr.state.partial
     n = max(p.get("n", 0), 1)
+    if not p.get("n"):  # every batch skipped: no loss or accuracy to report
+        p["loss_sum"] = p["correct"] = math.nan
     st.attack_grad_evals += int(p.get("attack_evals", 0))
     st.grad_evals += int(p.get("attack_evals", 0) + p.get("train_evals", 0))
     st.elapsed += p.get("time", 0.0)
@@ -393,7 +513,8 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
     last = epoch + 1 == cfg.epochs
     if (epoch + 1) % cfg.eval_every == 0 or last:
         x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.eval_n)
-        row.update(test_metrics(tr.model, x.to(tr.device), y.to(tr.device), cfg, cfg.seed + epoch))
+        x, y = x.to(tr.device), y.to(tr.device)
+        row.update(test_metrics(tr.model, x, y, cfg, cfg.seed + epoch, tr.dist))
     else:
         row.update(test_clean_acc=math.nan, test_robust_acc=math.nan)
     return row
@@ -408,9 +529,10 @@ def finish_epoch(tr: Trainer, row: dict[str, Any]) -> None:
     robust = row["test_robust_acc"]
     if not math.isnan(robust) and robust > st.best_robust:
         st.best_robust = robust
-        save(tr, "best", keep_previous=False)
+        save(tr, "best")
     save(tr)
-    write_metrics(tr.run_dir, st.history)
+    if tr.dist.is_main:
+        write_metrics(tr.run_dir, st.history)
     if tr.tensorboard is not None:
         tr.tensorboard.log(row, row["epoch"])
 
@@ -435,7 +557,8 @@ def summarize(tr: Trainer) -> dict[str, Any]:
     }
     if isinstance(tr.method, Dynamic):
         summary["c_max"] = tr.method.c_max
-    atomic_write_json(tr.run_dir / "summary.json", summary)
+    if tr.dist.is_main:
+        atomic_write_json(tr.run_dir / "summary.json", summary)
     return summary
 
 
@@ -448,7 +571,9 @@ def calibrate(tr: Trainer) -> None:
     pick = pick[:CALIBRATION_SAMPLES]
     x, y = tr.data.x_train[pick].to(tr.device), tr.data.y_train[pick].to(tr.device)
     gen = torch.Generator().manual_seed(tr.config.seed + 1)
-    tr.state.c_max = tr.method.calibrate(tr.model, x, y, gen)
+    tr.state.c_max = tr.method.calibrate(tr.model, x, y, gen)  # the same on every rank
+    if not tr.dist.is_main:
+        return
     tqdm.write(
         f"fosc: c_max auto = {tr.state.c_max:.4g} "
         f"(the {tr.config.c_max_quantile:g}-quantile of step-1 FOSC on {len(y)} training examples)",
@@ -459,11 +584,13 @@ def calibrate(tr: Trainer) -> None:
 def fit(tr: Trainer) -> dict[str, Any]:
     """Train until the configured epoch count; returns the summary."""
     cfg = tr.config
-    tqdm.write(
-        f"fosc: {cfg.method} on {cfg.dataset} ({cfg.model}), epoch {tr.state.epoch + 1} of "
-        f"{cfg.epochs} -> {tr.run_dir}",
-        file=sys.stderr,
-    )
+    if tr.dist.is_main:
+        procs = f", {tr.dist.world} processes" if tr.dist.enabled else ""
+        tqdm.write(
+            f"fosc: {cfg.method} on {cfg.dataset} ({cfg.model}{procs}), epoch "
+            f"{tr.state.epoch + 1} of {cfg.epochs} -> {tr.run_dir}",
+            file=sys.stderr,
+        )
     calibrate(tr)
     try:
         with graceful_stop(tr):
@@ -474,6 +601,8 @@ def fit(tr: Trainer) -> dict[str, Any]:
     finally:
         if tr.tensorboard is not None:
             tr.tensorboard.close()
+    if tr.dist.is_main and tr.state.history:  # a crash may have cut the last write short
+        write_metrics(tr.run_dir, tr.state.history)
     return summarize(tr)
 
 
@@ -487,14 +616,19 @@ def train(
     checkpoint_every: int = 0,
     tensorboard: bool = False,
 ) -> dict[str, Any]:
-    """Train a model as `config` says, recording everything in run_dir; see module docstring."""
-    trainer = build_trainer(
-        config,
-        run_dir,
-        resume=resume,
-        overwrite=overwrite,
-        progress=progress,
-        checkpoint_every=checkpoint_every,
-        tensorboard=tensorboard,
-    )
-    return fit(trainer)
+    """Train a model as `config` says, recording everything in run_dir; see module docstring.
+
+    Started by torchrun (env WORLD_SIZE > 1), this process is one rank of a data-parallel run.
+    """
+    with distributed.session(select_device(config.device)) as dist:
+        trainer = build_trainer(
+            config,
+            run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            checkpoint_every=checkpoint_every,
+            tensorboard=tensorboard,
+            dist=dist,
+        )
+        return fit(trainer)

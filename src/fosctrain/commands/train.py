@@ -60,6 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint-every", type=int, default=0, metavar="N", help="also save every N batches"
     )
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel on N processes of this machine (as torchrun --nproc-per-node N)",
+    )
+    p.add_argument(
+        "--master-port", type=int, metavar="PORT", help="--nproc: rendezvous port (default: free)"
+    )
     g = p.add_argument_group("training options (see --print-config for the values in use)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -109,7 +119,41 @@ def resume_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(stored, **given) if given else stored
 
 
+def to_flags(values: dict[str, Any]) -> list[str]:
+    """Command-line flags that parse back to `values` (training options by field name)."""
+    flags: list[str] = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            flags.append(f"{flag}={json.dumps(value)}")
+        else:
+            flags.append(f"{flag}={'none' if value is None else value}")
+    return flags
+
+
+def worker_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The `fosc train` arguments of each process that --nproc launches: the options given,
+    with the run directory fixed (a default name holds the time) and no --nproc."""
+    argv = ["train"]
+    if args.resume:
+        argv += ["--resume", str(run_dir)]
+    else:
+        argv += ["--runs-dir", str(run_dir.parent), "--name", run_dir.name]
+        argv += ["--preset", args.preset] if args.preset else []
+        argv += ["--config", args.config] if args.config else []
+    argv += ["--overwrite"] if args.overwrite else []
+    argv += ["--no-progress"] if args.no_progress else []
+    argv += ["--tensorboard"] if args.tensorboard else []
+    argv += [f"--checkpoint-every={args.checkpoint_every}"]
+    return argv + to_flags(overrides(args))
+
+
 def run(args: argparse.Namespace) -> int:
+    from fosctrain import distributed
     from fosctrain.train import Interrupted, train
 
     if args.resume and (args.preset or args.config):
@@ -123,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
     run_dir = run_dir_for(args, config)
+    if args.nproc != 1 or args.master_port is not None:
+        if distributed.under_launcher():
+            raise UserError("--nproc and --master-port launch processes; under torchrun drop them")
+        return distributed.launch(args.nproc, worker_argv(args, run_dir), args.master_port)
+    main = distributed.env_rank() == 0
     try:
         summary = train(
             config,
@@ -133,10 +182,17 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             tensorboard=args.tensorboard,
         )
-    except Interrupted as e:
+    except Interrupted as e:  # every rank stopped at the same batch; rank 0 reports it
+        if not main:
+            return 0
         print(f"fosc: {e}; resume with: fosc train --resume {run_dir}", file=sys.stderr)
         return 130
-    print(report(summary))
+    except UserError as e:
+        if main or not distributed.is_shared(e):
+            raise
+        return 0  # rank 0 raised it too, says why and fails the run (distributed.shared)
+    if main:
+        print(report(summary))
     return 0
 
 
