@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fosctrain.attacks import PGD
+from fosctrain.models import create_model
 
 TARGET_OVERHEAD = 1.03
 TARGET_VS_TORCHATTACKS = 1.00
@@ -40,28 +41,8 @@ TARGET_COMPACTION = 0.90  # our own guide for (c): most of the saved evaluations
 
 
 def build_model() -> tuple[nn.Module, str]:
-    """The paper's MNIST CNN from the registry, or the same net built here if the registry
-    (fosctrain.models) is not available."""
-    try:
-        from fosctrain.models import create_model
-
-        return create_model("mnist-cnn"), 'fosctrain.models.create_model("mnist-cnn")'
-    except Exception:  # noqa: BLE001 - any failure: fall back to the inline copy
-        model = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64 * 7 * 7, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        )
-        return model, "inline copy of the paper MNIST CNN"
+    """The paper's MNIST CNN from the registry."""
+    return create_model("mnist-cnn"), 'fosctrain.models.create_model("mnist-cnn")'
 
 
 def hand_passes(model: nn.Module, x: Tensor, y: Tensor, k: int) -> Tensor:

@@ -10,6 +10,16 @@ from torch import nn
 BATCH = 64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a loaded machine each intra-op barrier
+    can wait for a descheduled thread (measured: 30 ms per op with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def paper_mnist_cnn(seed: int = 0, num_classes: int = 10) -> nn.Module:
     """conv32-BN-ReLU-pool, conv64-BN-ReLU-pool, fc128-ReLU, fc10, seeded, in eval mode, with
     BatchNorm running statistics moved away from their initial values by a few train-mode

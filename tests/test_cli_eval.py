@@ -19,15 +19,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--n", "16", "--pgd-steps", "2", "--cw-steps", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small batches gain nothing from threads (and lose a lot on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(**over) -> dict:
     base = {
         "model": "mnist-cnn",

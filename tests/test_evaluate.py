@@ -91,16 +91,6 @@ def spike(u: torch.Tensor) -> torch.Tensor:
     return -1 - ((u - 0.3) / 0.05) ** 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded machine each intra-op barrier
-    can wait for a descheduled thread (measured: 30 ms per op with 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def linear_data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [0.3, 0.7] labelled by Linear2(0), so its clean accuracy is 100%."""
     gen = torch.Generator().manual_seed(seed)

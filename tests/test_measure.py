@@ -22,15 +22,6 @@ from fosctrain.measure import (
 N = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads (and lose a lot on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fosctrain import __version__
 from fosctrain.errors import UserError
-from fosctrain.files import atomic_write_bytes, atomic_write_json
+from fosctrain.files import atomic_write_bytes, atomic_write_json, fsync_dir
 
 FORMAT = "fosctrain-checkpoint"
 FORMAT_VERSION = 1
@@ -323,21 +323,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(dst.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable before the next step depends on it (POSIX; no-op elsewhere)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(dst.parent)
 
 
 # --------------------------------------------------------------------------- loading

@@ -138,24 +138,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         t_prime=100,
         augment=True,
     ),
-    "cifar10-wrn-paper": dict(
-        dataset="cifar10",
-        model="wrn-34-10",
-        epochs=120,
-        batch_size=128,
-        optimizer="sgd",
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=1e-4,
-        lr_milestones=[60, 100],
-        eps=0.031,
-        alpha=0.031 / 4,
-        steps=10,
-        c_max=0.5,
-        t_prime=100,
-        augment=True,
-    ),
 }
+PRESETS["cifar10-wrn-paper"] = {**PRESETS["cifar10-cnn-paper"], "model": "wrn-34-10"}
 for _preset in PRESETS.values():
     _preset.setdefault("method", "dat")
 

@@ -59,6 +59,8 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Pat
 
 def build_model(config: dict) -> nn.Module:
     """The (untrained) model a configuration describes."""
+    if not isinstance(config.get("model"), str):
+        raise UserError("the run's config.json names no model (key 'model')")
     return create_model(
         config["model"], num_classes=config.get("num_classes", 10), **config.get("model_kwargs", {})
     )

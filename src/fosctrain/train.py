@@ -228,11 +228,14 @@ def build_trainer(
     dist = dist or Dist()
     validate(config)
     run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's name (a default holds the time)
+    if resume:  # first of all: is this the run's own configuration?
+        config = dist.on_main(prepare_run_dir, run_dir, config, resume, overwrite)
     data = load_dataset(config.dataset, config.data_dir)
     data.x_train, data.y_train = fixed_subset(data.x_train, data.y_train, config.train_n)
     dist.on_main(_check_world, config, dist, len(data.y_train))
     _check_model_fits(config, data)  # before the run directory: a misfit leaves nothing behind
-    config = dist.on_main(prepare_run_dir, run_dir, config, resume, overwrite)
+    if not resume:
+        config = dist.on_main(prepare_run_dir, run_dir, config, resume, overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = dist.device if dist.enabled else select_device(config.device)
