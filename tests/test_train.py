@@ -16,7 +16,16 @@ from fosctrain.config import METHODS, Config, resolve
 from fosctrain.errors import UserError
 from fosctrain.schedules import curriculum_steps, fat_tau, fosc_target, lr_factor
 
-SMALL = dict(train_n=192, epochs=2, batch_size=64, eval_n=64, eval_steps=3, steps=3, threads=2)
+SMALL = dict(
+    train_n=192,
+    epochs=2,
+    batch_size=64,
+    eval_n=64,
+    final_eval_n=64,
+    eval_steps=3,
+    steps=3,
+    threads=2,
+)
 
 
 def small(**kw) -> Config:
@@ -30,6 +39,8 @@ def test_every_method_trains_end_to_end(tmp_path, method):
     assert [r["epoch"] for r in rows] == [1, 2]
     final = summary["final"]
     assert 0 <= final["test_clean_acc"] <= 1 and 0 <= final["test_robust_acc"] <= 1
+    test = summary["test"]
+    assert test["n"] == 64 and 0 <= test["robust_acc"] <= 1 and 0 <= test["clean_acc"] <= 1
     assert math.isfinite(final["train_loss"])
     assert summary["grad_evals"] == rows[-1]["grad_evals"] > 0
     if method == "natural":

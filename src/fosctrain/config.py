@@ -30,14 +30,16 @@ class Config:
     model_kwargs: dict = field(default_factory=dict, metadata={"help": "extra model options"})
     num_classes: int = 10
     train_n: int = field(default=0, metadata={"help": "train on a fixed subset of N (0: all)"})
-    epochs: int = field(default=10, metadata={"help": "training epochs T"})
+    epochs: int = field(default=20, metadata={"help": "training epochs T"})
     batch_size: int = 64
     optimizer: str = field(default="adam", metadata={"help": "sgd or adam"})
     lr: float = 0.001
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: str = field(default="multistep", metadata={"help": "multistep, cosine, constant"})
-    lr_milestones: list = field(default_factory=list, metadata={"help": "epochs where lr /= 10"})
+    lr_milestones: list = field(
+        default_factory=lambda: [16], metadata={"help": "epochs where lr *= lr_gamma"}
+    )
     lr_gamma: float = 0.1
     augment: bool = field(default=False, metadata={"help": "random shifts and flips (CIFAR)"})
     eps: float = field(default=0.3, metadata={"help": "L-inf (or L2) radius of the threat set"})
@@ -70,7 +72,10 @@ class Config:
     trades_beta: float = 6.0
     fast_alpha: float | None = field(default=None, metadata={"help": "Fast-AT step (1.25 eps)"})
     eval_n: int = field(
-        default=1000, metadata={"help": "test examples evaluated per epoch (0: all)"}
+        default=200, metadata={"help": "test examples evaluated after each epoch (0: all)"}
+    )
+    final_eval_n: int = field(
+        default=0, metadata={"help": "test examples of the final evaluation (0: all)"}
     )
     eval_steps: int = field(default=20, metadata={"help": "PGD steps of the per-epoch test"})
     eval_every: int = 1
@@ -223,6 +228,7 @@ def validate(c: Config) -> None:
         _positive(name, getattr(c, name), zero_ok=True)
     _positive("eval_n", c.eval_n, integer=True, zero_ok=True)
     _positive("train_n", c.train_n, integer=True, zero_ok=True)
+    _positive("final_eval_n", c.final_eval_n, integer=True, zero_ok=True)
     _positive("seed", c.seed, integer=True, zero_ok=True)
     for name in ("fat_tau", "fat_tau_max"):
         _positive(name, getattr(c, name), integer=True, zero_ok=True)

@@ -545,6 +545,9 @@ def summarize(tr: Trainer) -> dict[str, Any]:
     history = tr.state.history
     tested = [r for r in history if not math.isnan(r["test_robust_acc"])]
     best = max(tested, key=lambda r: r["test_robust_acc"]) if tested else None
+    cfg = tr.config
+    x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.final_eval_n)
+    final_test = test_metrics(tr.model, x.to(tr.device), y.to(tr.device), cfg, cfg.seed, tr.dist)
     summary = {
         "run_dir": str(tr.run_dir),
         "method": tr.config.method,
@@ -554,8 +557,12 @@ def summarize(tr: Trainer) -> dict[str, Any]:
         "grad_evals": tr.state.grad_evals,
         "attack_grad_evals": tr.state.attack_grad_evals,
         "time_s": tr.state.elapsed,
-        "eval_n": len(fixed_subset(tr.data.x_test, tr.data.y_test, tr.config.eval_n)[1]),
-        "eval_attack": f"PGD-{tr.config.eval_steps} (random start, step 2.5 eps / steps)",
+        "test": {
+            "n": len(y),
+            "clean_acc": final_test["test_clean_acc"],
+            "robust_acc": final_test["test_robust_acc"],
+            "attack": f"PGD-{cfg.eval_steps} (random start, step 2.5 eps / steps)",
+        },
         "config_hash": tr.config.hash(),
     }
     if isinstance(tr.method, Dynamic):

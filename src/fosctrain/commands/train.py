@@ -197,21 +197,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(summary: dict[str, Any]) -> str:
-    """The lines `fosc train` ends with."""
-    final = summary["final"] or {}
-    n = summary["eval_n"]
-
-    def pct(key: str) -> str:
-        v = final.get(key, float("nan"))
-        return f"{100 * v:.1f}%"
-
+    """The lines `fosc train` ends with: the final model on the held-out examples."""
+    test = summary["test"]
+    steps = test["attack"].split(" ")[0]
     lines = [
-        f"run:                 {summary['run_dir']}",
-        f"clean accuracy:      {pct('test_clean_acc')} on {n} held-out examples",
-        f"PGD-20 accuracy:     {pct('test_robust_acc')} ({summary['eval_attack']})",
+        f"run:                  {summary['run_dir']}",
+        f"clean accuracy:       {100 * test['clean_acc']:.1f}% on {test['n']} held-out examples",
+        f"{steps} accuracy:      {100 * test['robust_acc']:.1f}% ({test['attack']})",
         f"gradient evaluations: {summary['grad_evals']:,} "
-        f"({summary['attack_grad_evals']:,} in attacks), {summary['time_s']:.0f} s",
+        f"({summary['attack_grad_evals']:,} in attacks), {summary['time_s']:.0f} s of training",
     ]
     if summary.get("c_max") is not None:
-        lines.append(f"DAT c_max:           {summary['c_max']:.4g}")
+        lines.append(f"DAT c_max:            {summary['c_max']:.4g}")
     return "\n".join(lines)
