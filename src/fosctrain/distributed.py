@@ -248,6 +248,8 @@ def session(device: torch.device) -> Iterator[Dist]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+        if created:  # no rank tears the group down while another still talks to it
+            dist.barrier()
     finally:
         if created:
             dist.destroy_process_group()
