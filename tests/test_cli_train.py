@@ -14,7 +14,8 @@ from fosctrain.cli import main
 
 TINY = [
     "--train-n", "64", "--epochs", "1", "--batch-size", "32", "--steps", "2",
-    "--eval-n", "32", "--final-eval-n", "32", "--eval-steps", "2", "--threads", "1", "--no-progress",
+    "--eval-n", "32", "--final-eval-n", "32", "--eval-steps", "2",
+    "--threads", "1", "--no-progress",
 ]  # fmt: skip
 
 
