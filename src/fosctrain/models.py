@@ -208,7 +208,22 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
-class PreActResNet(nn.Module):
+class _ResidualNet(nn.Module):
+    """The shared stem-blocks-head shape of the ResNets: conv1, residual layers, a final
+    BN-ReLU, global average pooling and a linear classifier."""
+
+    def _finish(self, layers: list[nn.Module], cin: int, num_classes: int) -> None:
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+        _init_weights(self, self.fc)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class PreActResNet(_ResidualNet):
     """PreAct ResNet for 32x32 inputs, with the final BN-ReLU used in adversarial training."""
 
     def __init__(self, blocks: Sequence[int], num_classes: int, in_channels: int) -> None:
@@ -220,14 +235,7 @@ class PreActResNet(nn.Module):
             for j in range(count):
                 layers.append(PreActBlock(cin, cout, stride if j == 0 else 1))
                 cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(cin)
-        self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self, self.fc)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn(self.layers(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        self._finish(layers, cin, num_classes)
 
 
 @register("preact-resnet18")
@@ -262,7 +270,7 @@ class WideBlock(nn.Module):
         return self.conv2(out) + skip
 
 
-class WideResNet(nn.Module):
+class WideResNet(_ResidualNet):
     """WRN-depth-widen (Zagoruyko & Komodakis 2016) for 32x32 inputs: three groups of
     (depth - 4) / 6 blocks at widths 16k, 32k, 64k."""
 
@@ -279,14 +287,7 @@ class WideResNet(nn.Module):
                 stride = 2 if i > 0 and j == 0 else 1
                 layers.append(WideBlock(cin, cout, stride, dropout))
                 cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(cin)
-        self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self, self.fc)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn(self.layers(self.conv1(x))))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        self._finish(layers, cin, num_classes)
 
 
 def wide_resnet(

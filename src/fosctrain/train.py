@@ -616,29 +616,11 @@ def fit(tr: Trainer) -> dict[str, Any]:
     return summarize(tr)
 
 
-def train(
-    config: Config,
-    run_dir: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    checkpoint_every: int = 0,
-    tensorboard: bool = False,
-) -> dict[str, Any]:
+def train(config: Config, run_dir: str | Path, **options: Any) -> dict[str, Any]:
     """Train a model as `config` says, recording everything in run_dir; see module docstring.
+    `options` are build_trainer's: resume, overwrite, progress, checkpoint_every, tensorboard.
 
     Started by torchrun (env WORLD_SIZE > 1), this process is one rank of a data-parallel run.
     """
     with distributed.session(select_device(config.device)) as dist:
-        trainer = build_trainer(
-            config,
-            run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
-            checkpoint_every=checkpoint_every,
-            tensorboard=tensorboard,
-            dist=dist,
-        )
-        return fit(trainer)
+        return fit(build_trainer(config, run_dir, dist=dist, **options))
