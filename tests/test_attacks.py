@@ -706,3 +706,20 @@ def test_runs_on_cpu_tensors_by_default(shared_cnn, data):
     res = PGD(eps=EPS, steps=1, seed=0)(shared_cnn, x[:4], y[:4])
     assert res.x_adv.device == x.device and res.fosc.device == x.device
     assert math.isfinite(res.fosc.sum().item())
+
+
+def test_numpy_scalars_are_accepted_and_booleans_refused(linear_model):
+    import numpy as np
+
+    x = torch.rand(4, 1, 4, 4)
+    y = torch.zeros(4, dtype=torch.long)
+    res = PGD(eps=np.float32(0.1), alpha=np.float64(0.02), steps=np.int64(2), seed=0)(
+        linear_model, x, y
+    )
+    assert res.steps.tolist() == [2, 2, 2, 2]
+    assert (res.x_adv - x).abs().max() <= 0.1 + 1e-6
+    for bad in (dict(eps=True), dict(steps=True)):
+        with pytest.raises(UserError):
+            PGD(**{"eps": 0.1, "steps": 2, **bad})(linear_model, x, y)
+    with pytest.raises(UserError, match="box-exact"):
+        PGDL2(eps=0.5, steps=1, fosc_box=True)(linear_model, x, y)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -71,14 +72,25 @@ def attack_mode(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
         model.train(was_training)
 
 
-def validate(eps: float, alpha: float, steps: int) -> None:
-    """Reject budgets that make no sense, with one clear line."""
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+def validate(eps: float, alpha: float, steps: int) -> tuple[float, float, int]:
+    """The budget as (float, float, int), or one clear line for a value that makes no sense.
+    NumPy scalars are welcome; booleans are not numbers here."""
+
+    def positive(value, integer: bool) -> bool:
+        kind = numbers.Integral if integer else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return False
+        return (
+            math.isfinite(value) and value >= 1 if integer else math.isfinite(value) and value > 0
+        )
+
+    if not positive(eps, False):
         raise UserError(f"eps must be a positive finite number, got {eps!r}")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+    if not positive(alpha, False):
         raise UserError(f"step size must be a positive finite number, got {alpha!r}")
-    if not (isinstance(steps, int) and steps >= 1):
+    if not positive(steps, True):
         raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+    return float(eps), float(alpha), int(steps)
 
 
 def random_start(x0: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
@@ -161,9 +173,11 @@ def run_attack(
     official code's quirk, instead of around x0. `fosc_box` uses the exact box-aware FOSC.
     `y` holds the target labels when `targeted`.
     """
-    validate(eps, alpha, steps)
+    eps, alpha, steps = validate(eps, alpha, steps)
     if norm not in ("linf", "l2"):
         raise UserError(f"unknown norm {norm!r}; choose 'linf' or 'l2'")
+    if fosc_box and norm != "linf":
+        raise UserError("box-exact FOSC is only defined for norm='linf'")
     f_obj = objective(loss, targeted)
     x0 = x0.detach()
     n = x0.shape[0]
