@@ -68,8 +68,8 @@ ZERO_GRAD_MAX = 0.5
 CHECK_N = 256
 BOUNDS = (0.0, 1.0)
 AUTOATTACK_HINT = (
-    "AutoAttack needs torchattacks: pip install 'fosctrain[autoattack]' (with --no-deps, "
-    "see README)"
+    "AutoAttack needs torchattacks: pip install --no-deps torchattacks (its torchvision "
+    "dependency is not needed and breaks beside a pinned torch; see README)"
 )
 AUTOATTACK_MIN_CLASSES = 4
 CSV_COLUMNS = ("eps", "attack", "acc", "ci_low", "ci_high", "correct", "n")
