@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fosctrain import train as train_mod
 from fosctrain.config import resolve
-from fosctrain.data import load_mnist5k
+from fosctrain.data import fixed_subset, load_mnist5k
 from fosctrain.models import create_model
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_mnist5k()
-    x, y = train_mod.fixed_subset(data.x_train, data.y_train, args.n)
+    x, y = fixed_subset(data.x_train, data.y_train, args.n)
     common = dict(n=args.n, steps=args.steps, batch=args.batch, seed=0)
     runs: dict[str, list[float]] = {"hand": [], "madry": [], "dat": []}
     evals: dict[str, int] = {}

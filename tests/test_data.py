@@ -368,3 +368,15 @@ def test_random_crop_flip_is_a_shift_or_mirror_per_sample() -> None:
     for n in range(x.shape[0]):
         windows = padded[n, 0].unfold(0, 6, 1).unfold(1, 6, 1).reshape(-1, 6, 6)
         assert any(torch.equal(w, shifted[n, 0]) for w in windows)
+
+
+def test_fixed_subset_is_deterministic_and_mixes_the_class_sorted_file():
+    from fosctrain.data import fixed_subset
+
+    data = load_mnist5k()
+    x1, y1 = fixed_subset(data.x_test, data.y_test, 100)
+    x2, y2 = fixed_subset(data.x_test, data.y_test, 100)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(y1) == 100
+    assert len(torch.unique(y1)) == 10  # the file is sorted by label: a prefix would be all 0s
+    for n in (0, -1, 1000, 5000):
+        assert fixed_subset(data.x_test, data.y_test, n)[1] is data.y_test

@@ -24,6 +24,7 @@ from fosctrain.attacks import PGD, PGDL2
 from fosctrain.checkpoint import load_checkpoint
 from fosctrain.commands import train as train_cmd
 from fosctrain.config import resolve
+from fosctrain.data import fixed_subset
 from fosctrain.distributed import Dist, free_port
 from fosctrain.errors import UserError
 
@@ -113,7 +114,7 @@ def test_sharded_evaluation_equals_single_process(runs):
     two = runs["root"] / "two"
     cfg = resolve(overrides={**RUN, "threads": 1})
     tr = train_mod.build_trainer(cfg, two, resume=True, progress=False)
-    x, y = train_mod.fixed_subset(tr.data.x_test, tr.data.y_test, cfg.eval_n)
+    x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.eval_n)
     again = train_mod.test_metrics(tr.model, x, y, cfg, cfg.seed + cfg.epochs - 1)
     final = rows(two)[-1]
     assert again["test_clean_acc"] == final["test_clean_acc"]

@@ -374,3 +374,11 @@ def random_crop_flip(
         raise UserError(f"random_crop_flip: padding must be >= 0, got {padding}")
     out = _random_shift(x, generator, padding) if padding > 0 else x.clone()
     return _random_hflip(out, generator) if flip else out
+
+
+def fixed_subset(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The same n examples for every run and epoch (a fixed shuffle: files are class-sorted)."""
+    if n <= 0 or n >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))[:n]
+    return x[idx], y[idx]

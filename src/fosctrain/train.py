@@ -34,7 +34,7 @@ from fosctrain import distributed
 from fosctrain.attacks import PGD
 from fosctrain.checkpoint import load_latest_valid, restore, save_checkpoint
 from fosctrain.config import Config, validate
-from fosctrain.data import Dataset, load_dataset, random_crop_flip
+from fosctrain.data import Dataset, fixed_subset, load_dataset, random_crop_flip
 from fosctrain.distributed import SUM_KEYS, Dist
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
@@ -170,14 +170,6 @@ def create_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
-
-
-def fixed_subset(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """The same n examples for every run and epoch (a fixed shuffle: files are class-sorted)."""
-    if n <= 0 or n >= len(y):
-        return x, y
-    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))[:n]
-    return x[idx], y[idx]
 
 
 def test_metrics(

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from fosctrain.attacks import ATTACKS, FoscThreshold, create_attack
-from fosctrain.data import DATASET_NAMES, load_dataset
+from fosctrain.data import DATASET_NAMES, fixed_subset, load_dataset
 from fosctrain.fosc import fosc_stats
 from fosctrain.models import create_model
 from fosctrain.runs import load_model
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         torch.manual_seed(args.seed)
         model = create_model(args.model, in_channels=data.input_shape[0]).eval()
-    x, y = data.x_test[: args.n], data.y_test[: args.n]
+    x, y = fixed_subset(data.x_test, data.y_test, args.n)
     stop = None if args.stop_fosc is None else FoscThreshold(args.stop_fosc)
     options = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, stop=stop, seed=args.seed)
     attack = create_attack(args.attack, final_fosc=True, **options)
