@@ -188,14 +188,17 @@ def cifar_cnn8(num_classes: int = 10, in_channels: int = 3, input_size: int = 32
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block (He et al. 2016): BN-ReLU-conv twice, identity shortcut."""
+    """Pre-activation basic block (He et al. 2016), also the WRN block of the Madry / TRADES
+    code: BN-ReLU-conv3x3, BN-ReLU-(dropout)-conv3x3, with a 1x1 convolution on the
+    pre-activated input when the shape changes."""
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.dropout = dropout
         self.shortcut: nn.Module | None = None
         if stride != 1 or cin != cout:
             self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
@@ -203,9 +206,10 @@ class PreActBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(x))
         skip = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + skip
+        out = F.relu(self.bn2(self.conv1(out)))
+        if self.dropout:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        return self.conv2(out) + skip
 
 
 class _ResidualNet(nn.Module):
@@ -247,29 +251,6 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 # ---------------------------------------------------------------- Wide ResNet
 
 
-class WideBlock(nn.Module):
-    """WRN basic block as in the Madry / TRADES code: BN-ReLU-conv3x3, BN-ReLU-(dropout)-conv3x3;
-    a 1x1 convolution on the pre-activated input when the shape changes."""
-
-    def __init__(self, cin: int, cout: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.dropout = dropout
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        out = F.relu(self.bn2(self.conv1(out)))
-        out = F.dropout(out, p=self.dropout, training=self.training)
-        return self.conv2(out) + skip
-
-
 class WideResNet(_ResidualNet):
     """WRN-depth-widen (Zagoruyko & Komodakis 2016) for 32x32 inputs: three groups of
     (depth - 4) / 6 blocks at widths 16k, 32k, 64k."""
@@ -285,7 +266,7 @@ class WideResNet(_ResidualNet):
         for i, cout in enumerate(widths):
             for j in range(per_group):
                 stride = 2 if i > 0 and j == 0 else 1
-                layers.append(WideBlock(cin, cout, stride, dropout))
+                layers.append(PreActBlock(cin, cout, stride, dropout))
                 cin = cout
         self._finish(layers, cin, num_classes)
 
