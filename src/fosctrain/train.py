@@ -45,7 +45,6 @@ from fosctrain.runs import build_model
 from fosctrain.schedules import lr_factor
 
 CALIBRATION_SAMPLES = 512
-RUN_FILES = ("config.json", "metrics.csv", "metrics.jsonl", "summary.json")
 
 
 class TrainingError(UserError):

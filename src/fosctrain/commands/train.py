@@ -14,8 +14,6 @@ from typing import Any
 from fosctrain.config import FIELDS, PRESETS, Config, resolve
 from fosctrain.errors import UserError
 
-SPECIAL = {"lr_milestones", "model_kwargs", "c_max"}
-
 
 def _optional(kind):
     def parse(text: str):
