@@ -21,7 +21,7 @@ from fosctrain.attacks import (
     create_attack,
     run_attack,
 )
-from fosctrain.attacks.engine import MIN_ROWS, _pad_rows
+from fosctrain.attacks.engine import MIN_ROWS, _pad_rows, project
 from fosctrain.errors import UserError
 from fosctrain.fosc import fosc
 from fosctrain.losses import cw_margin, input_gradient
@@ -723,3 +723,103 @@ def test_numpy_scalars_are_accepted_and_booleans_refused(linear_model):
             PGD(**{"eps": 0.1, "steps": 2, **bad})(linear_model, x, y)
     with pytest.raises(UserError, match="box-exact"):
         PGDL2(eps=0.5, steps=1, fosc_box=True)(linear_model, x, y)
+
+
+# ------------------------------------------------------------ start sampler and step observer
+
+
+def test_a_custom_sampler_is_where_the_attack_starts(shared_cnn, data):
+    """The sampler's point (projected onto the threat set) is the start: x_start equals it and
+    an attack whose rule stops everyone at once returns it."""
+    x, y = data
+    calls = []
+
+    def corner(x0, eps, norm, generator):
+        calls.append((x0.shape, eps, norm, generator))
+        return x0 + eps * torch.where(torch.arange(x0[0].numel()) % 2 == 0, 1.0, -1.0).view(
+            x0.shape[1:]
+        )
+
+    gen = torch.Generator().manual_seed(0)
+    expected = project(corner(x, EPS, "linf", None), x, EPS, "linf", (0.0, 1.0))
+    calls.clear()
+    res = PGD(eps=EPS, steps=3, stop=FoscThreshold(1e9))(
+        shared_cnn, x, y, generator=gen, start=corner
+    )
+    assert calls == [(x.shape, EPS, "linf", gen)]
+    assert torch.equal(res.x_start, expected)
+    assert torch.equal(res.x_adv, expected)
+    moved = PGD(eps=EPS, alpha=0.01, steps=3)(shared_cnn, x, y, generator=gen, start=corner)
+    assert torch.equal(moved.x_start, expected)
+    assert not torch.equal(moved.x_adv, expected)
+    # The default sampler is the uniform one; without a random start the start is x itself.
+    uniform = PGD(eps=EPS, steps=1, seed=4)(shared_cnn, x, y)
+    torch.testing.assert_close(uniform.x_start, _reconstruct_start(x, EPS, 4), rtol=0, atol=1e-6)
+    assert torch.equal(PGD(eps=EPS, steps=1, random_start=False)(shared_cnn, x, y).x_start, x)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_the_observer_sees_every_step_of_the_active_set(shared_cnn, data, compact):
+    """One call per evaluated point (final evaluation included) with the running samples'
+    indices; its FOSC is fosc_trace's, its loss the objective at its logits."""
+    x, y = data
+    n = x.shape[0]
+    at = torch.arange(n) % 8  # sample i stops at step i mod 8 (6 and 7: never)
+    seen = []
+
+    def observe(step, idx, logits, loss, f):
+        seen.append((step, idx.clone(), logits.clone(), loss.clone(), f.clone()))
+
+    steps = 6
+    res = PGD(eps=EPS, alpha=0.01, steps=steps, seed=1, stop=StopAt(at), final_fosc=True,
+              compact=compact)(shared_cnn, x, y, observer=observe)  # fmt: skip
+    assert [s[0] for s in seen] == list(range(steps + 1))
+    for step, idx, logits, loss, f in seen:
+        running = (~res.fosc_trace[step].isnan()).nonzero().squeeze(1)
+        assert torch.equal(idx, running)
+        assert torch.equal(idx, (at >= step).nonzero().squeeze(1))
+        assert torch.equal(f, res.fosc_trace[step, idx])
+        torch.testing.assert_close(
+            loss, torch.nn.functional.cross_entropy(logits, y[idx], reduction="none")
+        )
+    assert torch.equal(seen[-1][4], res.fosc[seen[-1][1]])
+
+
+def test_no_module_assigns_into_another_modules_attributes():
+    """Hooks are explicit arguments (e.g. the data-parallel start sampler), never a module's
+    attribute swapped from outside: no `module.name = ...` anywhere in the package."""
+    import ast
+    import importlib
+    import pathlib
+    import types
+
+    import fosctrain
+
+    offenders = []
+    for path in pathlib.Path(fosctrain.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    try:
+                        obj = getattr(importlib.import_module(node.module), a.name, None)
+                    except ImportError:
+                        obj = None
+                    if isinstance(obj, types.ModuleType):
+                        modules.add(a.asname or a.name)
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            for t in targets:
+                name = getattr(t.value, "id", None) if isinstance(t, ast.Attribute) else None
+                if name in modules:
+                    offenders.append(f"{path.name}:{t.lineno} {ast.unparse(t)}")
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr":
+                arg = node.args[0] if node.args else None
+                if isinstance(arg, ast.Name) and arg.id in modules:
+                    offenders.append(f"{path.name}:{node.lineno} setattr({arg.id}, ...)")
+    assert offenders == []

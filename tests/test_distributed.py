@@ -225,8 +225,8 @@ def test_sharded_random_starts_are_the_global_draw(linear_model, attack):
         d = Dist(rank=rank, world=2)
         lo, hi = d.shard(9)
         gen = torch.Generator().manual_seed(7)
-        with d.global_random_starts(lo, hi, 9):
-            parts.append(attack(linear_model, x[lo:hi], y[lo:hi], generator=gen).x_adv)
+        start = d.random_starts(lo, hi, 9)
+        parts.append(attack(linear_model, x[lo:hi], y[lo:hi], generator=gen, start=start).x_adv)
         assert torch.equal(gen.get_state(), whole_gen.get_state())
     assert torch.equal(torch.cat(parts), whole)
 

@@ -19,7 +19,6 @@ from fosctrain.attacks.engine import run_attack
 from fosctrain.errors import UserError
 from fosctrain.evaluate import (
     EvalReport,
-    _start_point,
     evaluate,
     format_table,
     large_eps,
@@ -238,10 +237,8 @@ def test_point_fosc_matches_the_engine_at_start_and_end():
     model = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 3))
     attack = PGD(eps=0.1, alpha=0.02, steps=5, fosc_box=True, final_fosc=True)
     gen = torch.Generator().manual_seed(3)
-    start_gen = torch.Generator().manual_seed(3)
     res = attack(model, x, y, generator=gen)
-    start = _start_point(attack, x, start_gen)
-    f0, r0 = point_fosc(model, x, start, y, 0.1)
+    f0, r0 = point_fosc(model, x, res.x_start, y, 0.1)
     f1, r1 = point_fosc(model, x, res.x_adv, y, 0.1)
     torch.testing.assert_close(f0, res.fosc_trace[0])
     torch.testing.assert_close(f1, res.fosc)

@@ -7,9 +7,9 @@ How a data-parallel run stays equal to a single-process one (docs/DISTRIBUTED.md
   draws the same epoch permutation and augmentation from it, and takes a contiguous slice of
   each global batch (`Dist.shard`: sizes differ by at most one row).
 - The attacks' random starts are drawn for the whole global batch from that generator and
-  sliced (`Dist.global_random_starts`), so every rank consumes the generator exactly as one
-  process would: the random stream, the checkpoints and therefore resume do not depend on the
-  number of processes.
+  sliced (`Dist.random_starts`, the start sampler the attacks get), so every rank consumes the
+  generator exactly as one process would: the random stream, the checkpoints and therefore
+  resume do not depend on the number of processes.
 - The loss is rescaled so that DDP's gradient average is the gradient of the global-batch
   mean, also for uneven shards (`Dist.loss_scale`).
 - Every batch's statistics are all-reduced, and its per-sample FOSC values gathered in global
@@ -33,8 +33,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
+from fosctrain.attacks.engine import Sampler, random_start
 from fosctrain.errors import UserError
 
 T = TypeVar("T")
@@ -99,33 +100,22 @@ class Dist:
         global mean: world * local_n / global_n (exactly 1 for even shards)."""
         return self.world * local_n / global_n
 
-    @contextlib.contextmanager
-    def global_random_starts(self, lo: int, hi: int, n: int) -> Iterator[None]:
-        """Within this block, an attack on rows [lo, hi) of an n-row global batch takes its
-        random start from a draw for all n rows, sliced: the generator advances as in a single
-        process and every row gets the start it would get there.
-
-        The engine has no hook for this, so its module-level `random_start` is swapped for the
-        block (a no-op in a single process)."""
+    def random_starts(self, lo: int, hi: int, n: int) -> Sampler:
+        """The start-point sampler for an attack on rows [lo, hi) of an n-row global batch: it
+        draws the random start for all n rows and keeps its own, so the generator advances as
+        in a single process and every row gets the start it would get there (the plain uniform
+        sampler in a single process)."""
         if not self.enabled:
-            yield
-            return
-        from fosctrain.attacks import engine
+            return random_start
 
-        original = engine.random_start
-
-        def sliced(x0, eps, norm, generator):
+        def sliced(x0: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
             if x0.shape[0] != hi - lo:
                 raise RuntimeError(f"random start for {x0.shape[0]} rows, shard has {hi - lo}")
             zeros = torch.zeros((n, *x0.shape[1:]), dtype=x0.dtype)
-            delta = original(zeros, eps, norm, generator)[lo:hi]
+            delta = random_start(zeros, eps, norm, generator)[lo:hi]
             return x0 + delta.to(device=x0.device)
 
-        engine.random_start = sliced
-        try:
-            yield
-        finally:
-            engine.random_start = original
+        return sliced
 
     # ------------------------------------------------------------------ collectives
 

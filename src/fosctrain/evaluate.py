@@ -51,8 +51,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fosctrain.attacks import FGSM, PGD, PGDL2, CWInf, attack_mode
-from fosctrain.attacks.engine import project, random_start
+from fosctrain.attacks import FGSM, PGD, PGDL2, AttackResult, CWInf, attack_mode
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json, atomic_write_text
 from fosctrain.fosc import fosc, fosc_stats
@@ -317,20 +316,6 @@ def point_fosc(
     return c, rel
 
 
-def _start_point(attack: PGD, x0: Tensor, generator: torch.Generator) -> Tensor:
-    """The start the engine draws first from `generator` (pass a clone taken before the call)."""
-    if not attack.random_start:
-        return x0
-    start = random_start(x0, attack.eps, attack.norm, generator)
-    return project(start, x0, attack.eps, attack.norm, BOUNDS)
-
-
-def _clone(generator: torch.Generator) -> torch.Generator:
-    copy = torch.Generator(device=generator.device)
-    copy.set_state(generator.get_state())
-    return copy
-
-
 @dataclass
 class _AttackOutcome:
     """Per-example correctness at the attack's points and, when probed, FOSC and relative
@@ -345,13 +330,12 @@ def _probe(
     attack: PGD,
     x0: Tensor,
     y: Tensor,
-    start_gen: torch.Generator,
-    x_adv: Tensor,
+    res: AttackResult,
     fosc_box: bool,
 ) -> dict[str, Tensor]:
-    """FOSC and relative FOSC at the attack's random start and at its final points."""
+    """FOSC and relative FOSC at the attack's (random) start and at its final points."""
     out = {}
-    for where, point in (("start", _start_point(attack, x0, start_gen)), ("final", x_adv)):
+    for where, point in (("start", res.x_start), ("final", res.x_adv)):
         c, rel = point_fosc(
             model, x0, point, y, attack.eps, norm=attack.norm, fosc_box=fosc_box, loss=attack.loss
         )
@@ -378,11 +362,10 @@ def _run(
     correct, probes = [], []
     for span in _spans(x.shape[0], batch_size):
         xb, yb = x[span].to(dev), y[span].to(dev)
-        start_gen = _clone(generator) if probe_box is not None else None
         res = attack(source, xb, yb, generator=generator)
         correct.append(_correct(model, res.x_adv, yb))
-        if start_gen is not None:
-            probes.append(_probe(source, attack, xb, yb, start_gen, res.x_adv, probe_box))
+        if probe_box is not None:
+            probes.append(_probe(source, attack, xb, yb, res, probe_box))
         bar.update(1)
     merged = {k: torch.cat([p[k] for p in probes]) for k in probes[0]} if probes else {}
     return _AttackOutcome(torch.cat(correct), merged)

@@ -1,11 +1,10 @@
 """Convergence of PGD measured step by step: FOSC, loss and accuracy at every PGD point (the
 paper's convergence analysis, its Figure 1).
 
-The loop is the attack engine's PGD without stopping rules, unrolled here so that the one
-input-gradient pass per step yields FOSC, loss and logits of that step's point at once:
-N steps cost N + 1 gradient evaluations per example (the last one measures the final point).
-Random starts are drawn exactly as the engine draws them, so with the same generator the FOSC
-rows equal `run_attack(..., final_fosc=True).fosc_trace`.
+One attack-engine call per batch (no stopping rule, final_fosc=True) with an observer that
+records what the engine's one input-gradient pass per step yields: FOSC, loss and logits of
+that step's point. N steps cost N + 1 gradient evaluations per example (the last one measures
+the final point), and the FOSC rows are the engine's `fosc_trace`.
 """
 
 from __future__ import annotations
@@ -16,14 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fosctrain.attacks import attack_mode
-from fosctrain.attacks.engine import ascent_step, project, validate
-from fosctrain.attacks.engine import random_start as draw_start
+from fosctrain.attacks.engine import run_attack, validate
 from fosctrain.errors import UserError
 from fosctrain.evaluate import validate_eps
 from fosctrain.files import atomic_write_text
-from fosctrain.fosc import fosc, fosc_stats
-from fosctrain.losses import input_gradient, objective
+from fosctrain.fosc import fosc_stats
 
 CSV_COLUMNS = (
     "step",
@@ -111,18 +107,16 @@ def measure_convergence(
         raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
         raise UserError(f"need matching, non-empty x and y, got {x.shape[0]} and {y.shape[0]}")
-    f_obj = objective(loss)
     generator = torch.Generator().manual_seed(seed)
     dev = _device(model)
     parts = []
-    with attack_mode(model):
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
-            parts.append(
-                _trace_batch(
-                    model, xb, yb, f_obj, eps, alpha, steps, random_start, norm, fosc_box, generator
-                )
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
+        parts.append(
+            _trace_batch(
+                model, xb, yb, loss, eps, alpha, steps, random_start, norm, fosc_box, generator
             )
+        )
     fos, losses, correct = (torch.cat([p[k] for p in parts], dim=1) for k in range(3))
     settings = {
         "eps": eps,
@@ -148,7 +142,7 @@ def _trace_batch(
     model: nn.Module,
     x0: Tensor,
     y: Tensor,
-    f_obj,
+    loss: str,
     eps: float,
     alpha: float,
     steps: int,
@@ -158,16 +152,29 @@ def _trace_batch(
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FOSC, loss and correctness (each steps+1 x B) at every PGD point of one batch."""
-    x = project(draw_start(x0, eps, norm, generator), x0, eps, norm, BOUNDS) if start else x0
-    fbounds = BOUNDS if fosc_box else None
     fos, losses, correct = [], [], []
-    for k in range(steps + 1):
-        grad, logits, values = input_gradient(model, x, y, f_obj)
-        fos.append(fosc(x, x0, grad, eps, norm, fbounds).cpu())
+
+    def record(step: int, idx: Tensor, logits: Tensor, values: Tensor, f: Tensor) -> None:
+        fos.append(f.cpu())
         losses.append(values.cpu())
-        correct.append((logits.argmax(1) == y).cpu())
-        if k < steps:
-            x = project(ascent_step(x, grad, alpha, norm), x0, eps, norm, BOUNDS)
+        correct.append((logits.argmax(1) == y[idx]).cpu())
+
+    run_attack(
+        model,
+        x0,
+        y,
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        norm=norm,
+        loss=loss,
+        random_init=start,
+        bounds=BOUNDS,
+        fosc_box=fosc_box,
+        final_fosc=True,
+        generator=generator,
+        observer=record,
+    )
     return torch.stack(fos), torch.stack(losses), torch.stack(correct)
 
 

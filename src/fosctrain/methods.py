@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fosctrain.attacks import PGD, AttackResult, FoscThreshold, MisclassifiedTau
-from fosctrain.attacks.engine import attack_mode
+from fosctrain.attacks import PGD, AttackResult, FoscThreshold, MisclassifiedTau, Sampler
+from fosctrain.attacks.engine import attack_mode, random_start
 from fosctrain.config import Config
 from fosctrain.errors import UserError
 from fosctrain.losses import cross_entropy, kl_from_clean
@@ -47,10 +47,17 @@ class Method:
         )
 
     def make_batch(
-        self, model: nn.Module, x: Tensor, y: Tensor, t: float, generator: torch.Generator
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        t: float,
+        generator: torch.Generator,
+        start: Sampler = random_start,
     ) -> AttackResult | None:
+        """The attack's result on (x, y) (None: train on x), random starts from `start`."""
         attack = self.attack(t)
-        return None if attack is None else attack(model, x, y, generator=generator)
+        return None if attack is None else attack(model, x, y, generator=generator, start=start)
 
     def fosc_target(self, t: float) -> float:
         return math.nan
@@ -137,12 +144,12 @@ class Trades(Method):
     name = "trades"
     passes = 2
 
-    def make_batch(self, model, x, y, t, generator):
+    def make_batch(self, model, x, y, t, generator, start=random_start):
         with attack_mode(model), torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
         pgd = self.attack(t)
         pgd.loss = "kl"
-        return pgd(model, x, p_clean, generator=generator)
+        return pgd(model, x, p_clean, generator=generator, start=start)
 
     def loss(self, model, x, x_adv, y, epoch):
         clean, adv = model(x), model(x_adv)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from fosctrain import distributed
-from fosctrain.attacks import PGD
+from fosctrain.attacks import PGD, Sampler, random_start
 from fosctrain.checkpoint import load_latest_valid, restore, save_checkpoint
 from fosctrain.config import Config, validate
 from fosctrain.data import Dataset, fixed_subset, load_dataset, random_crop_flip
@@ -192,8 +192,8 @@ def test_metrics(
         xb, yb = x[i + lo : i + hi], y[i + lo : i + hi]
         with torch.no_grad():
             clean += (model(xb).argmax(1) == yb).sum().item()
-        with dist.global_random_starts(lo, hi, len(y[i : i + 500])):
-            x_adv = pgd(model, xb, yb, generator=gen).x_adv
+        sampler = dist.random_starts(lo, hi, len(y[i : i + 500]))
+        x_adv = pgd(model, xb, yb, generator=gen, start=sampler).x_adv
         with torch.no_grad():
             robust += (model(x_adv).argmax(1) == yb).sum().item()
     model.train(was_training)
@@ -360,14 +360,20 @@ def graceful_stop(tr: Trainer) -> Iterator[None]:
 
 
 def train_batch(
-    tr: Trainer, x: Tensor, y: Tensor, t: float, epoch: int, global_n: int | None = None
+    tr: Trainer,
+    x: Tensor,
+    y: Tensor,
+    t: float,
+    epoch: int,
+    global_n: int | None = None,
+    start: Sampler = random_start,
 ) -> dict[str, Any]:
     """One optimizer step on the batch the method builds from (x, y); returns its statistics.
 
     Data-parallel, (x, y) is this rank's shard of a global batch of `global_n` rows: the
     attack runs on the plain module, the training forward through DDP (tr.step_model)."""
     with tr.autocast():
-        result = tr.method.make_batch(tr.model, x, y, t, tr.generator)
+        result = tr.method.make_batch(tr.model, x, y, t, tr.generator, start)
     x_adv = x if result is None else result.x_adv
     tr.step_model.train()
     with tr.autocast():
@@ -448,8 +454,8 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
         t = epoch + b / n_batches if cfg.schedule_unit == "iteration" else float(epoch)
         lo, hi = tr.dist.shard(len(idx))  # this rank's rows of the global batch (all of them)
         x, y = x[lo:hi].to(tr.device), y[lo:hi].to(tr.device)
-        with tr.dist.global_random_starts(lo, hi, len(idx)):
-            stats = train_batch(tr, x, y, t, epoch, len(idx))
+        sampler = tr.dist.random_starts(lo, hi, len(idx))
+        stats = train_batch(tr, x, y, t, epoch, len(idx), sampler)
         stats, stop = tr.dist.reduce_batch(stats, lo, hi, len(idx), tr.stop_requested)
         for k in SUM_KEYS:
             st.partial[k] = st.partial.get(k, 0) + stats.get(k, 0)

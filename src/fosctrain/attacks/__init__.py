@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from fosctrain.attacks.cw import CWInf
-from fosctrain.attacks.engine import AttackResult, attack_mode, run_attack
+from fosctrain.attacks.engine import (
+    AttackResult,
+    Observer,
+    Sampler,
+    attack_mode,
+    random_start,
+    run_attack,
+)
 from fosctrain.attacks.fgsm import FGSM
 from fosctrain.attacks.pgd import PGD, PGDL2
 from fosctrain.attacks.stopping import FoscThreshold, MisclassifiedTau, StoppingRule
@@ -26,10 +33,13 @@ __all__ = [
     "FGSM",
     "FoscThreshold",
     "MisclassifiedTau",
+    "Observer",
     "PGD",
     "PGDL2",
+    "Sampler",
     "StoppingRule",
     "attack_mode",
     "create_attack",
+    "random_start",
     "run_attack",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,7 @@ class AttackResult:
     fosc_trace: steps x batch, FOSC at each evaluated point, NaN once a sample stopped.
     steps: projected steps each sample took. grad_evals: rows pushed through a forward and
     input-gradient backward pass (the attack's real cost; see _pad_rows for the few extra).
+    x_start: the point the attack started from (the projected random start, or x0).
     """
 
     x_adv: Tensor
@@ -43,6 +44,7 @@ class AttackResult:
     steps: Tensor
     stopped: Tensor
     grad_evals: int
+    x_start: Tensor
 
     def summary(self) -> dict[str, float]:
         stats = fosc_stats(self.fosc)
@@ -131,17 +133,29 @@ def ascent_step(x: Tensor, grad: Tensor, alpha: float, norm: str) -> Tensor:
 MIN_ROWS = 16
 
 
-def _pad_rows(idx: Tensor, n: int) -> Tensor:
-    """Pad a compacted index set to at least MIN_ROWS rows (repeating its first row).
+def _pad_rows(rows: Tensor, n: int) -> Tensor:
+    """Pad a compacted batch (points, labels or indices) to at least min(MIN_ROWS, n) rows,
+    repeating its first row.
 
     CPU BLAS and oneDNN switch to other kernels for batches of a few rows (measured here: fewer
     than 12), whose rounding differs; padding keeps every sample's gradient bit-identical to
     the one it gets in the full batch, so compaction changes the cost and never the result.
     """
-    short = min(MIN_ROWS, n) - idx.numel()
+    short = min(MIN_ROWS, n) - rows.shape[0]
     if short <= 0:
-        return idx
-    return torch.cat([idx, idx[:1].expand(short)])
+        return rows
+    return torch.cat([rows, rows[:1].expand(short, *rows.shape[1:])])
+
+
+Sampler = Callable[[Tensor, float, str, "torch.Generator | None"], Tensor]
+"""A start-point sampler: (x0, eps, norm, generator) -> points; the engine projects them onto
+the threat set. `random_start` (uniform in the ball) is the default."""
+
+Observer = Callable[[int, Tensor, Tensor, Tensor, Tensor], None]
+"""Sees every evaluated point: observer(step, idx, logits, loss, fosc), for the samples still
+running at `step` (batch indices idx, ascending): their logits, per-sample attack objective and
+FOSC at their current point (step = steps for the final evaluation of final_fosc=True). The
+tensors are the engine's own: read them, do not modify them."""
 
 
 def run_attack(
@@ -165,13 +179,18 @@ def run_attack(
     compact: bool = True,
     eval_mode: bool = True,
     generator: torch.Generator | None = None,
+    start: Sampler = random_start,
+    observer: Observer | None = None,
 ) -> AttackResult:
-    """Run `steps` projected ascent steps from x0 (optionally a random start).
+    """Run `steps` projected ascent steps from x0 or, with `random_init`, from the point the
+    `start` sampler draws from `generator` (projected onto the threat set).
 
-    The stopping rule is consulted from step `min_steps` on (the official DAT code always takes
-    the first step: min_steps=1). `fosc_from_start` measures FOSC around the random start, the
-    official code's quirk, instead of around x0. `fosc_box` uses the exact box-aware FOSC.
-    `y` holds the target labels when `targeted`.
+    The loop is Algorithm 1's inner loop: the active set (samples still running) is evaluated
+    once per step; the stopping rule, consulted from step `min_steps` on (the official DAT code
+    always takes the first step: min_steps=1), moves some of it to the stopped set, which keeps
+    its points; the rest take a step. `fosc_from_start` measures FOSC around the random start,
+    the official code's quirk, instead of around x0. `fosc_box` uses the exact box-aware FOSC.
+    `y` holds the target labels when `targeted`. `observer` sees every evaluation.
     """
     eps, alpha, steps = validate(eps, alpha, steps)
     if norm not in ("linf", "l2"):
@@ -182,59 +201,64 @@ def run_attack(
     x0 = x0.detach()
     n = x0.shape[0]
     device = x0.device
-    x = (
-        project(random_start(x0, eps, norm, generator), x0, eps, norm, bounds)
-        if random_init
-        else x0
-    )
-    x = x.clone()
-    center = x.clone() if fosc_from_start else x0
+    x_start = project(start(x0, eps, norm, generator), x0, eps, norm, bounds) if random_init else x0
+    center = x_start if fosc_from_start else x0
     fbounds = bounds if fosc_box else None
-    running = torch.ones(n, dtype=torch.bool, device=device)
+    x = x_start.clone()  # every sample's point; written when it leaves the active set
     trace = torch.full((steps + int(final_fosc), n), float("nan"), device=device)
     last_fosc = torch.full((n,), float("nan"), device=device)
     steps_taken = torch.zeros(n, dtype=torch.long, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
     grad_evals = 0
     if stop is not None:
         stop.reset(n, device)
 
-    def evaluate(k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Gradient and FOSC at the current points of the evaluated samples."""
+    # The active set: batch indices and, row for row, their points, clean inputs, labels and
+    # FOSC centres, gathered once and shrunk only when someone stops.
+    active = torch.arange(n, device=device)
+    xs, x0s, ys, cs = x_start, x0, y, center
+
+    def evaluate(k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradient, logits and FOSC of the active set at its current points."""
         nonlocal grad_evals
-        every = bool(running.all()) or not compact
-        idx = torch.arange(n, device=device) if every else running.nonzero().squeeze(1)
-        rows = idx if every else _pad_rows(idx, n)
-        xa = x if every else x[rows]
-        grad, logits, _ = input_gradient(model, xa, y if every else y[rows], f_obj)
-        grad_evals += rows.numel()
-        grad, logits, xa = grad[: idx.numel()], logits[: idx.numel()], xa[: idx.numel()]
-        c = center if every else center[idx]
-        f = fosc(xa, c, grad, eps, norm, fbounds)
-        keep = running[idx]
-        trace[k, idx[keep]] = f[keep]
-        last_fosc[idx[keep]] = f[keep]
-        return idx, grad, logits, f
+        m = active.numel()
+        if m == n:
+            inputs, labels = xs, ys
+        elif compact:
+            inputs, labels = _pad_rows(xs, n), _pad_rows(ys, n)
+        else:  # the whole batch, stopped samples at their final points
+            x[active] = xs
+            inputs, labels = x, y
+        grad, logits, values = input_gradient(model, inputs, labels, f_obj)
+        grad_evals += inputs.shape[0]
+        if m < n and not compact:
+            grad, logits, values = grad[active], logits[active], values[active]
+        elif m < inputs.shape[0]:
+            grad, logits, values = grad[:m], logits[:m], values[:m]
+        f = fosc(xs, cs, grad, eps, norm, fbounds)
+        trace[k, active] = f
+        if observer is not None:
+            observer(k, active, logits, values, f)
+        return grad, logits, f
 
     with attack_mode(model, eval_mode):
         for k in range(steps):
-            idx, grad, logits, f = evaluate(k)
-            move = running[idx]
+            grad, logits, f = evaluate(k)
             if stop is not None and k >= min_steps:
-                halt = stop(k, idx[move], f[move], logits[move], y[idx[move]], targeted)
-                sub = move.nonzero().squeeze(1)
-                move[sub[halt]] = False
-                running[idx[sub[halt]]] = False
-            if idx.numel() == n and bool(move.all()):
-                x = project(ascent_step(x, grad, alpha, norm), x0, eps, norm, bounds)
-                steps_taken += 1
-            else:
-                mi = idx[move]
-                stepped = ascent_step(x[mi], grad[move], alpha, norm)
-                x[mi] = project(stepped, x0[mi], eps, norm, bounds)
-                steps_taken[mi] += 1
-            if not running.any():
-                break
-        if final_fosc and running.any():
-            evaluate(steps)
-    stopped = ~running
-    return AttackResult(x.detach(), last_fosc, trace, steps_taken, stopped, grad_evals)
+                halt = stop(k, active, f, logits, ys, targeted)
+                if bool(halt.any()):
+                    done = active[halt]
+                    x[done], last_fosc[done] = xs[halt], f[halt]
+                    steps_taken[done], stopped[done] = k, True
+                    go = (~halt).nonzero().squeeze(1)
+                    active, xs, x0s, ys, cs = active[go], xs[go], x0s[go], ys[go], cs[go]
+                    grad, f = grad[go], f[go]
+                    if active.numel() == 0:
+                        break
+            xs = project(ascent_step(xs, grad, alpha, norm), x0s, eps, norm, bounds)
+        else:
+            steps_taken[active] = steps
+            if final_fosc:
+                _, _, f = evaluate(steps)
+        x[active], last_fosc[active] = xs, f
+    return AttackResult(x.detach(), last_fosc, trace, steps_taken, stopped, grad_evals, x_start)

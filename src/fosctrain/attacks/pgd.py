@@ -9,7 +9,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fosctrain.attacks.engine import AttackResult, run_attack
+from fosctrain.attacks.engine import AttackResult, Observer, Sampler, run_attack
+from fosctrain.attacks.engine import random_start as uniform_start
 from fosctrain.attacks.stopping import StoppingRule
 
 
@@ -19,7 +20,8 @@ class PGD:
 
     Options shared by every attack: eps, alpha, steps, random_start, loss ("ce" or "cw"),
     targeted, stop (a stopping rule), min_steps, fosc_box, fosc_from_start, final_fosc,
-    compact, seed (or a generator passed per call).
+    compact, seed (or a generator passed per call). Per call, every attack also takes a
+    start-point sampler `start` and an `observer` of every step (see attacks.engine).
     """
 
     eps: float = 0.3
@@ -42,7 +44,14 @@ class PGD:
         return self.eps / 4 if self.alpha is None else self.alpha
 
     def __call__(
-        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None = None
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        start: Sampler = uniform_start,  # (the field random_start is the on/off switch)
+        observer: Observer | None = None,
     ) -> AttackResult:
         if generator is None and self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed)
@@ -64,6 +73,8 @@ class PGD:
             final_fosc=self.final_fosc,
             compact=self.compact,
             generator=generator,
+            start=start,
+            observer=observer,
         )
 
     def describe(self) -> dict:
