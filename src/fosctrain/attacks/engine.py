@@ -6,6 +6,11 @@ FOSC from that same gradient (monitoring costs no extra pass), asks the stopping
 and moves the rest. With `compact=True` stopped samples leave the batch, so early stopping
 saves real compute; the model runs in eval mode, so a sample's result does not depend on which
 others share its batch.
+
+Two explicit hooks serve the callers that need more than the result: a start-point sampler
+(data-parallel training draws the global batch's starts and keeps its shard's) and a per-step
+observer (measure records loss, accuracy and FOSC at every step). The result carries the start
+point (x_start), so nobody needs to replay the engine's random draws.
 """
 
 from __future__ import annotations
