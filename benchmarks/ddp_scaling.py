@@ -59,7 +59,7 @@ def main() -> None:
         f"--batch-size={a.batch_size}",
         f"--steps={a.steps}",
         "--epochs=2",
-        "--eval-n=16",
+        "--val-n=16",
         "--eval-steps=1",
     ]
     settings = {

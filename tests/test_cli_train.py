@@ -14,7 +14,7 @@ from fosctrain.cli import main
 
 TINY = [
     "--train-n", "64", "--epochs", "1", "--batch-size", "32", "--steps", "2",
-    "--eval-n", "32", "--final-eval-n", "32", "--eval-steps", "2",
+    "--val-n", "32", "--final-eval-n", "32", "--eval-steps", "2",
     "--threads", "1", "--no-progress",
 ]  # fmt: skip
 
@@ -73,7 +73,7 @@ def test_tiny_training_run_prints_accuracies(tmp_path, capsys):
     code = main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "r", "--c-max", "auto"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "clean accuracy:" in out and "on 32 held-out examples" in out
+    assert "clean accuracy:" in out and "on the 32 test examples" in out
     assert "PGD-2 accuracy:" in out and "gradient evaluations" in out
     assert "c_max" in out
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

@@ -24,17 +24,17 @@ from fosctrain.attacks import PGD, PGDL2
 from fosctrain.checkpoint import load_checkpoint
 from fosctrain.commands import train as train_cmd
 from fosctrain.config import resolve
-from fosctrain.data import fixed_subset
 from fosctrain.distributed import Dist, free_port
 from fosctrain.errors import UserError
+from fosctrain.runs import LOCK_NAME
 
 # Global batch 64, two batches per epoch; each of 2 ranks takes 32 rows of every batch. SGD,
 # pinned: Adam's first steps move every weight by about lr * sign(gradient), which turns the
 # tiny differences compared here into larger ones (see docs/DISTRIBUTED.md).
-RUN = dict(method="madry", train_n=128, epochs=2, batch_size=64, steps=3, eval_n=64, eval_steps=3)
+RUN = dict(method="madry", train_n=128, epochs=2, batch_size=64, steps=3, val_n=64, eval_steps=3)
 RUN.update(optimizer="sgd", lr=0.01, momentum=0.9)
 # One global batch of 95 rows (uneven shards: 48 + 47) from the initial model.
-DAT = dict(method="dat", c_max=0.5, train_n=95, batch_size=95, epochs=1, steps=3, eval_n=16)
+DAT = dict(method="dat", c_max=0.5, train_n=95, batch_size=95, epochs=1, steps=3, val_n=16)
 DAT.update(eval_steps=1)
 
 
@@ -69,7 +69,7 @@ def test_two_processes_match_one_process(runs):
     - exactly: the files written, every count (gradient evaluations, steps) and the run's
       random stream (the generator state in the last checkpoint, bit for bit);
     - train loss and FOSC mean/median/p90 within 3% relative, the final weights within 3%
-      relative L2 distance, test accuracies within 4 of the 64 examples.
+      relative L2 distance, validation accuracies within 4 of the 64 examples.
 
     Why not bit-identical: BatchNorm normalizes each rank's 32 rows with their own batch
     statistics (DDP's default; --sync-bn needs CUDA), not the 64-row batch's, so the training
@@ -85,7 +85,7 @@ def test_two_processes_match_one_process(runs):
     assert runs["out"].stdout.count("run:") == 1  # one report, from rank 0
     names = {p.name for p in two.iterdir()}
     assert names == {p.name for p in one.iterdir()}
-    assert not [n for n in names if n.startswith(".")]  # no temporary files left by any rank
+    assert not [n for n in names if n.startswith(".") and n != LOCK_NAME]  # no temp files
     a, b = rows(two), rows(one)
     assert [r["epoch"] for r in a] == [1, 2]
     for ra, rb in zip(a, b, strict=True):
@@ -94,7 +94,7 @@ def test_two_processes_match_one_process(runs):
         assert ra["attack_grad_evals"] == ra["epoch"] * 128 * 3
         for key in ("train_loss", "fosc_mean", "fosc_median", "fosc_p90"):
             assert ra[key] == pytest.approx(rb[key], rel=0.03), key
-        for key in ("test_clean_acc", "test_robust_acc"):
+        for key in ("val_clean_acc", "val_robust_acc"):
             assert abs(ra[key] - rb[key]) <= 4 / 64, key
     wa, wb = load_file(str(two / "last.safetensors")), load_file(str(one / "last.safetensors"))
     assert wa.keys() == wb.keys()
@@ -108,17 +108,17 @@ def test_two_processes_match_one_process(runs):
 
 
 def test_sharded_evaluation_equals_single_process(runs):
-    """The per-epoch test ran sharded over 2 ranks; recomputed here in one process on the saved
-    final model it gives the same numbers (the ranks' BN running statistics were averaged, so
+    """The per-epoch validation ran sharded over 2 ranks; recomputed here in one process on the
+    saved final model it gives the same numbers (the ranks' BN running statistics were averaged, so
     they all held the saved model)."""
     two = runs["root"] / "two"
     cfg = resolve(overrides={**RUN, "threads": 1})
     tr = train_mod.build_trainer(cfg, two, resume=True, progress=False)
-    x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.eval_n)
-    again = train_mod.test_metrics(tr.model, x, y, cfg, cfg.seed + cfg.epochs - 1)
+    x, y = tr.data.x_val, tr.data.y_val
+    again = train_mod.pgd_accuracy(tr.model, x, y, cfg, cfg.seed + cfg.epochs - 1)
     final = rows(two)[-1]
-    assert again["test_clean_acc"] == final["test_clean_acc"]
-    assert again["test_robust_acc"] == final["test_robust_acc"]
+    assert again["clean_acc"] == final["val_clean_acc"]
+    assert again["robust_acc"] == final["val_robust_acc"]
 
 
 def test_two_process_run_resumes_in_one_process(runs, tmp_path):
@@ -251,7 +251,7 @@ def test_bf16_autocast_matches_fp32(tmp_path):
     fp32, bf16 = _final(tmp_path, "fp32"), _final(tmp_path, "bf16", amp="bf16")
     for key in ("train_loss", "fosc_mean"):
         assert bf16[key] == pytest.approx(fp32[key], rel=0.05), key
-    assert abs(bf16["test_clean_acc"] - fp32["test_clean_acc"]) <= 4 / 64
+    assert abs(bf16["val_clean_acc"] - fp32["val_clean_acc"]) <= 4 / 64
 
 
 @pytest.mark.slow
@@ -263,4 +263,4 @@ def test_compiled_training_step_matches_eager(tmp_path):
     eager = _final(tmp_path, "eager")
     for key in ("train_loss", "fosc_mean"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key
-    assert compiled["test_clean_acc"] == eager["test_clean_acc"]
+    assert compiled["val_clean_acc"] == eager["val_clean_acc"]

@@ -39,7 +39,7 @@ from fosctrain.checkpoint import (
 
 TINY = [
     "--train-n", "128", "--epochs", "3", "--batch-size", "16", "--steps", "2",
-    "--eval-n", "32", "--eval-steps", "2", "--threads", "1", "--no-progress",
+    "--val-n", "32", "--eval-steps", "2", "--threads", "1", "--no-progress",
     "--checkpoint-every", "1",
 ]  # fmt: skip
 TIME_COLUMNS = ("epoch_time_s", "time_s")
@@ -381,7 +381,7 @@ class _Killed(BaseException):
 def _tiny_config(**kw):
     from fosctrain.config import resolve
 
-    base = dict(method="natural", train_n=64, epochs=2, batch_size=32, eval_n=16, threads=1)
+    base = dict(method="natural", train_n=64, epochs=2, batch_size=32, val_n=16, threads=1)
     return resolve(overrides={**base, "eval_steps": 1, **kw})
 
 
@@ -407,9 +407,9 @@ def test_crash_while_saving_best_keeps_the_previous_best(tmp_path, monkeypatch):
     epochs = iter(range(1, 10))
 
     def improving(*args, **kwargs):  # robust accuracy improves: `best` is saved every epoch
-        return {"test_clean_acc": 0.5, "test_robust_acc": next(epochs) / 10}
+        return {"clean_acc": 0.5, "robust_acc": next(epochs) / 10}
 
-    monkeypatch.setattr(train_mod, "test_metrics", improving)
+    monkeypatch.setattr(train_mod, "pgd_accuracy", improving)
     real = ckpt_mod.atomic_write_json
 
     def crash_on_second_best(path, obj):
@@ -670,7 +670,7 @@ def test_failed_data_load_leaves_no_run_directory_behind(tmp_path, capsys):
     _write_mnist(data)
     (data / "train-images-idx3-ubyte").unlink()
     argv = ["train", "--dataset", "mnist", "--data-dir", data, *TINY, "--epochs", "1"]
-    argv += ["--train-n", "16", "--runs-dir", tmp_path, "--name", "r"]
+    argv += ["--train-n", "16", "--val-n", "4", "--runs-dir", tmp_path, "--name", "r"]
     rc, _, err = _cli(capsys, argv)
     _assert_one_line_error(rc, err, "train-images-idx3-ubyte")
     _write_mnist(data)

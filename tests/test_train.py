@@ -20,7 +20,7 @@ SMALL = dict(
     train_n=192,
     epochs=2,
     batch_size=64,
-    eval_n=64,
+    val_n=64,
     final_eval_n=64,
     eval_steps=3,
     steps=3,
@@ -38,7 +38,7 @@ def test_every_method_trains_end_to_end(tmp_path, method):
     rows = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").open()]
     assert [r["epoch"] for r in rows] == [1, 2]
     final = summary["final"]
-    assert 0 <= final["test_clean_acc"] <= 1 and 0 <= final["test_robust_acc"] <= 1
+    assert 0 <= final["val_clean_acc"] <= 1 and 0 <= final["val_robust_acc"] <= 1
     test = summary["test"]
     assert test["n"] == 64 and 0 <= test["robust_acc"] <= 1 and 0 <= test["clean_acc"] <= 1
     assert math.isfinite(final["train_loss"])
@@ -122,7 +122,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    for key in ("test_clean_acc", "test_robust_acc", "train_loss", "fosc_mean", "grad_evals"):
+    for key in ("val_clean_acc", "val_robust_acc", "train_loss", "fosc_mean", "grad_evals"):
         assert whole["final"][key] == resumed["final"][key], key
 
 

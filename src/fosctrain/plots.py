@@ -202,13 +202,29 @@ def _as_percent(runs: list[tuple[str, list[dict]]], keys: tuple[str, ...]) -> bo
     return bool(values) and max(values) <= 1.0
 
 
+ACCURACY_COLUMNS = ("val_clean_acc", "val_robust_acc")
+OLD_ACCURACY_COLUMNS = ("test_clean_acc", "test_robust_acc")  # runs before the validation slice
+
+
+def _accuracy_columns(rows: list[dict]) -> tuple[str, str]:
+    """The per-epoch accuracy columns of a run: validation, or an older run's test subset."""
+    if any(_series(rows, k)[0] for k in ACCURACY_COLUMNS):
+        return ACCURACY_COLUMNS
+    return (
+        OLD_ACCURACY_COLUMNS
+        if any(OLD_ACCURACY_COLUMNS[1] in r for r in rows)
+        else ACCURACY_COLUMNS
+    )
+
+
 def _plot_accuracy(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
     fig = _figure(8, 5)
     ax = fig.subplots()
-    keys = ("test_clean_acc", "test_robust_acc")
+    keys = ACCURACY_COLUMNS + OLD_ACCURACY_COLUMNS
     scale = 100.0 if _as_percent(runs, keys) else 1.0
     for i, (label, rows) in enumerate(runs):
-        for key, ls, what in ((keys[0], "-", "clean"), (keys[1], "--", "robust")):
+        clean, robust = _accuracy_columns(rows)
+        for key, ls, what in ((clean, "-", "clean"), (robust, "--", "robust")):
             xs, ys = _series(rows, key)
             if xs:
                 ax.plot(
@@ -221,7 +237,7 @@ def _plot_accuracy(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
                 )
     _style(
         ax,
-        "Test accuracy (solid: clean, dashed: robust)",
+        "Validation accuracy (solid: clean, dashed: robust)",
         "epoch",
         "accuracy (%)" if scale == 100.0 else "accuracy",
     )

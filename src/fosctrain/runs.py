@@ -2,12 +2,14 @@
 
 A run directory (runs/<name>/ by default) holds config.json (the resolved training
 configuration), metrics.csv / metrics.jsonl, summary.json and checkpoints `last`, `best`
-(and `last-prev`), each a .safetensors + .json pair (see fosctrain.checkpoint).
+(and `last-prev`), each a .safetensors + .json pair (see fosctrain.checkpoint), and .lock,
+held by the process that trains it (RunLock).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,55 @@ from fosctrain.checkpoint import load_weights
 from fosctrain.errors import UserError
 from fosctrain.models import create_model
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
+
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".pt", ".pth")
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as a process trains it.
+
+    An OS lock (flock on RUN/.lock), so a process that dies, even by kill -9, releases it and
+    never blocks its own resume; the file holds the holder's pid for the refusal message."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.fd: int | None = None
+
+    def acquire(self, create: bool = True) -> None:
+        """Take the lock, or raise UserError naming the run and the holder's pid. `create`
+        makes the directory; without it a missing directory is nothing to resume."""
+        if fcntl is None or self.fd is not None:
+            return
+        if create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.run_dir.is_dir():
+            raise UserError(f"{self.run_dir}: nothing to resume (no such directory)")
+        fd = os.open(self.run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{self.run_dir} is in use by another process (pid {holder}); "
+                "wait for it to end or stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
 @dataclass

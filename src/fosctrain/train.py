@@ -8,7 +8,12 @@ run ends with the same weights as an uninterrupted one.
 Under torchrun (or `fosc train --nproc N`) the same loop trains data-parallel: every rank holds
 the same generator, takes its shard of each global batch and trains a DistributedDataParallel
 wrapper of the model; the plumbing is in fosctrain.distributed, the rules in docs/DISTRIBUTED.md.
-Rank 0 alone writes the run directory.
+Rank 0 alone writes the run directory, and holds its lock (fosctrain.runs.RunLock) for the
+whole run, so a second process on the same run refuses to start.
+
+Numbers and splits: a fixed, stratified validation slice of `val_n` training examples (never
+trained on) is evaluated after each epoch and picks `best`; the test set is evaluated once, at
+the end (summary.json "test"). Every reported accuracy says which split and which PGD gave it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import json
 import math
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,20 +32,25 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from fosctrain import distributed
-from fosctrain.attacks import PGD, Sampler, random_start
+from fosctrain import distributed, progress
+from fosctrain.attacks import Sampler, random_start
 from fosctrain.checkpoint import load_latest_valid, restore, save_checkpoint
 from fosctrain.config import Config, validate
-from fosctrain.data import Dataset, fixed_subset, load_dataset, random_crop_flip
+from fosctrain.data import (
+    Dataset,
+    fixed_subset,
+    hold_out_validation,
+    load_dataset,
+    random_crop_flip,
+)
 from fosctrain.distributed import SUM_KEYS, Dist
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
 from fosctrain.fosc import fosc_stats
 from fosctrain.logs import TensorBoard, write_metrics
-from fosctrain.methods import Dynamic, Method, create_method
-from fosctrain.runs import build_model
+from fosctrain.methods import Dynamic, Method, create_method, pgd_class
+from fosctrain.runs import LOCK_NAME, RunLock, build_model
 from fosctrain.schedules import lr_factor
 
 CALIBRATION_SAMPLES = 512
@@ -90,6 +99,7 @@ class Trainer:
     dist: Dist = field(default_factory=Dist)
     train_model: nn.Module | None = None  # what the training step runs: DDP and/or compiled
     scaler: torch.amp.GradScaler | None = None  # --amp fp16
+    lock: RunLock | None = None  # held (on rank 0) from build_trainer to the end of fit
 
     @property
     def step_model(self) -> nn.Module:
@@ -135,13 +145,14 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool
                 f"(differs in: {', '.join(diff) or 'runtime options'})"
             )
         return stored
-    if run_dir.exists() and any(run_dir.iterdir()):
+    contents = [c for c in run_dir.iterdir() if c.name != LOCK_NAME] if run_dir.exists() else []
+    if contents:
         if not overwrite:
             raise UserError(
                 f"{run_dir} already holds a run; use --resume to continue it, "
                 "--overwrite to replace it, or --name for a new one"
             )
-        for child in run_dir.iterdir():
+        for child in contents:
             if child.is_dir():
                 shutil.rmtree(child)
             else:
@@ -171,18 +182,28 @@ def create_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def test_metrics(
-    model: nn.Module, x: Tensor, y: Tensor, config: Config, seed: int, dist: Dist | None = None
-) -> dict:
-    """Clean accuracy and PGD accuracy (eval_steps steps of 2.5 eps / steps, random start).
+def pgd_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: Config,
+    seed: int,
+    dist: Dist | None = None,
+    split: str = "validation",
+) -> dict[str, float]:
+    """Clean accuracy and PGD accuracy on (x, y), the `split` it names ("validation" or
+    "test"): the reporting attack, config.eval_attack() (eval_steps steps of eval_alpha, by
+    default 2.5 eps / eval_steps, random start, in the training norm).
 
     Data-parallel, each rank evaluates its shard of every chunk of 500 (with the random starts
     a single process would draw) and the counts are summed: the same numbers, world-size times
     faster."""
     if len(y) == 0:
-        return {"test_clean_acc": math.nan, "test_robust_acc": math.nan}
+        return {"clean_acc": math.nan, "robust_acc": math.nan}
     dist = dist or Dist()
-    pgd = PGD(eps=config.eps, alpha=2.5 * config.eps / config.eval_steps, steps=config.eval_steps)
+    pgd = pgd_class(config.norm)(
+        eps=config.eps, alpha=config.eval_step_size, steps=config.eval_steps
+    )
     gen = torch.Generator().manual_seed(seed)
     clean = robust = 0
     was_training = model.training
@@ -198,7 +219,7 @@ def test_metrics(
             robust += (model(x_adv).argmax(1) == yb).sum().item()
     model.train(was_training)
     clean, robust = dist.sum([clean, robust])
-    return {"test_clean_acc": clean / len(y), "test_robust_acc": robust / len(y)}
+    return {"clean_acc": clean / len(y), "robust_acc": robust / len(y)}
 
 
 def build_trainer(
@@ -219,13 +240,35 @@ def build_trainer(
     dist = dist or Dist()
     validate(config)
     run_dir = Path(dist.broadcast(str(run_dir)))  # rank 0's name (a default holds the time)
-    if resume:  # first of all: is this the run's own configuration?
+    lock = RunLock(run_dir)
+    try:
+        trainer = _build(config, run_dir, lock, resume, overwrite, progress, checkpoint_every, dist)
+    except BaseException:
+        lock.release()
+        raise
+    if tensorboard and dist.is_main:
+        trainer.tensorboard = TensorBoard(run_dir / "tensorboard")
+    return trainer
+
+
+def _build(
+    config: Config,
+    run_dir: Path,
+    lock: RunLock,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    checkpoint_every: int,
+    dist: Dist,
+) -> Trainer:
+    if resume:  # first of all: is no one else on it, and is this the run's own configuration?
+        dist.on_main(lock.acquire, create=False)
         config = dist.on_main(prepare_run_dir, run_dir, config, resume, overwrite)
-    data = load_dataset(config.dataset, config.data_dir)
-    data.x_train, data.y_train = fixed_subset(data.x_train, data.y_train, config.train_n)
+    data = load_data(config)
     dist.on_main(_check_world, config, dist, len(data.y_train))
     _check_model_fits(config, data)  # before the run directory: a misfit leaves nothing behind
     if not resume:
+        dist.on_main(lock.acquire)  # before --overwrite deletes anything
         config = dist.on_main(prepare_run_dir, run_dir, config, resume, overwrite)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -253,12 +296,19 @@ def build_trainer(
         dist=dist,
         train_model=train_model,
         scaler=torch.amp.GradScaler(device.type) if config.amp == "fp16" else None,
+        lock=lock,
     )
     if resume:
         _restore(trainer)
-    if tensorboard and dist.is_main:
-        trainer.tensorboard = TensorBoard(run_dir / "tensorboard")
     return trainer
+
+
+def load_data(config: Config) -> Dataset:
+    """The run's data: the validation slice (val_n, stratified, fixed) held out of the
+    training set first, then the train_n subset of what is left."""
+    data = hold_out_validation(load_dataset(config.dataset, config.data_dir), config.val_n)
+    data.x_train, data.y_train = fixed_subset(data.x_train, data.y_train, config.train_n)
+    return data
 
 
 def _check_world(config: Config, dist: Dist, n_train: int) -> None:
@@ -297,14 +347,11 @@ def _restore(tr: Trainer) -> None:
     names = ("last.safetensors", "last.json", "last-prev.safetensors", "last-prev.json")
     if not any((tr.run_dir / n).exists() for n in names):  # killed before its first save
         if tr.dist.is_main:
-            tqdm.write(
-                f"fosc: {tr.run_dir} has no checkpoint yet: starting from the beginning",
-                file=sys.stderr,
-            )
+            progress.line(f"fosc: {tr.run_dir} has no checkpoint yet: starting from the beginning")
         return
     ckpt, warnings = load_latest_valid(tr.run_dir, "last", expected_config_hash=tr.config.hash())
     for w in warnings if tr.dist.is_main else []:
-        tqdm.write(f"fosc: warning: {w}", file=sys.stderr)
+        progress.line(f"fosc: warning: {w}")
     restore(ckpt, tr.model, tr.optimizer)
     saved = ckpt.state()
     if tr.scaler is not None and "scaler" in saved:
@@ -437,12 +484,12 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
     start = time.perf_counter()
-    bar = tqdm(
+    bar = progress.bar(
         range(st.batch, n_batches),
+        enabled=tr.progress,
         desc=f"epoch {epoch + 1}/{cfg.epochs}",
         initial=st.batch,
         total=n_batches,
-        disable=not tr.progress,
         leave=False,
         dynamic_ncols=True,
     )
@@ -482,7 +529,7 @@ def _postfix(p: dict[str, float]) -> dict[str, str]:
 
 
 def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
-    """The metrics row of a finished epoch (test metrics every eval_every epochs)."""
+    """The metrics row of a finished epoch (validation metrics every eval_every epochs)."""
     cfg, st, p = tr.config, tr.state, tr.state.partial
     n = max(p.get("n", 0), 1)
     if not p.get("n"):  # every batch skipped: no loss or accuracy to report
@@ -511,13 +558,25 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
     if isinstance(tr.method, Dynamic):
         row["c_max"] = tr.method.c_max
     last = epoch + 1 == cfg.epochs
-    if (epoch + 1) % cfg.eval_every == 0 or last:
-        x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.eval_n)
-        x, y = x.to(tr.device), y.to(tr.device)
-        row.update(test_metrics(tr.model, x, y, cfg, cfg.seed + epoch, tr.dist))
-    else:
-        row.update(test_clean_acc=math.nan, test_robust_acc=math.nan)
+    val = {"clean_acc": math.nan, "robust_acc": math.nan}
+    if cfg.val_n and ((epoch + 1) % cfg.eval_every == 0 or last):
+        x, y = tr.data.x_val.to(tr.device), tr.data.y_val.to(tr.device)
+        val = pgd_accuracy(tr.model, x, y, cfg, cfg.seed + epoch, tr.dist)
+    row.update(val_clean_acc=val["clean_acc"], val_robust_acc=val["robust_acc"])
     return row
+
+
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """The one line of progress an epoch leaves (always, also where no bar is drawn)."""
+    val = (
+        f"val clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f}"
+        if not math.isnan(row["val_robust_acc"])
+        else "val -"
+    )
+    return (
+        f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} "
+        f"steps {row['steps_mean']:.2f} | {val} | {row['epoch_time_s']:.1f} s"
+    )
 
 
 def finish_epoch(tr: Trainer, row: dict[str, Any]) -> None:
@@ -526,25 +585,29 @@ def finish_epoch(tr: Trainer, row: dict[str, Any]) -> None:
     st = tr.state
     st.history.append(row)
     st.epoch, st.batch, st.partial, st.fosc_values = row["epoch"], 0, {}, []
-    robust = row["test_robust_acc"]
+    robust = row["val_robust_acc"]
     if not math.isnan(robust) and robust > st.best_robust:
         st.best_robust = robust
         save(tr, "best")
     save(tr)
     if tr.dist.is_main:
         write_metrics(tr.run_dir, st.history)
+        if tr.progress:
+            progress.line(epoch_line(row, tr.config.epochs))
     if tr.tensorboard is not None:
         tr.tensorboard.log(row, row["epoch"])
 
 
 def summarize(tr: Trainer) -> dict[str, Any]:
-    """summary.json: final and best metrics, totals."""
+    """summary.json: final and best epochs (validation), the one test evaluation, totals."""
     history = tr.state.history
-    tested = [r for r in history if not math.isnan(r["test_robust_acc"])]
-    best = max(tested, key=lambda r: r["test_robust_acc"]) if tested else None
+    validated = [r for r in history if not math.isnan(r["val_robust_acc"])]
+    best = max(validated, key=lambda r: r["val_robust_acc"]) if validated else None
     cfg = tr.config
     x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.final_eval_n)
-    final_test = test_metrics(tr.model, x.to(tr.device), y.to(tr.device), cfg, cfg.seed, tr.dist)
+    x, y = x.to(tr.device), y.to(tr.device)
+    final_test = pgd_accuracy(tr.model, x, y, cfg, cfg.seed, tr.dist, split="test")
+    n_val = len(tr.data.y_val) if tr.data.y_val is not None else 0
     summary = {
         "run_dir": str(tr.run_dir),
         "method": tr.config.method,
@@ -554,11 +617,26 @@ def summarize(tr: Trainer) -> dict[str, Any]:
         "grad_evals": tr.state.grad_evals,
         "attack_grad_evals": tr.state.attack_grad_evals,
         "time_s": tr.state.elapsed,
+        "validation": {
+            "n": n_val,
+            "split": f"validation slice of {n_val} training examples (fixed, stratified, not "
+            "trained on)"
+            if n_val
+            else "none (val_n 0): no per-epoch validation and no best checkpoint",
+            "metrics": ["val_clean_acc", "val_robust_acc"],
+            "best_by": "val_robust_acc" if n_val else None,
+            "attack": cfg.eval_attack(),
+        },
         "test": {
             "n": len(y),
-            "clean_acc": final_test["test_clean_acc"],
-            "robust_acc": final_test["test_robust_acc"],
-            "attack": f"PGD-{cfg.eval_steps} (random start, step 2.5 eps / steps)",
+            "split": f"the {len(y)} test examples, evaluated once, on the final model",
+            "clean_acc": final_test["clean_acc"],
+            "robust_acc": final_test["robust_acc"],
+            "attack": cfg.eval_attack(),
+            "steps": cfg.eval_steps,
+            "step_size": cfg.eval_step_size,
+            "random_start": True,
+            "norm": cfg.norm,
         },
         "config_hash": tr.config.hash(),
     }
@@ -581,10 +659,9 @@ def calibrate(tr: Trainer) -> None:
     tr.state.c_max = tr.method.calibrate(tr.model, x, y, gen)  # the same on every rank
     if not tr.dist.is_main:
         return
-    tqdm.write(
+    progress.line(
         f"fosc: c_max auto = {tr.state.c_max:.4g} "
-        f"(the {tr.config.c_max_quantile:g}-quantile of step-1 FOSC on {len(y)} training examples)",
-        file=sys.stderr,
+        f"(the {tr.config.c_max_quantile:g}-quantile of step-1 FOSC on {len(y)} training examples)"
     )
 
 
@@ -593,24 +670,25 @@ def fit(tr: Trainer) -> dict[str, Any]:
     cfg = tr.config
     if tr.dist.is_main:
         procs = f", {tr.dist.world} processes" if tr.dist.enabled else ""
-        tqdm.write(
+        progress.line(
             f"fosc: {cfg.method} on {cfg.dataset} ({cfg.model}{procs}), epoch "
-            f"{tr.state.epoch + 1} of {cfg.epochs} -> {tr.run_dir}",
-            file=sys.stderr,
+            f"{tr.state.epoch + 1} of {cfg.epochs} -> {tr.run_dir}"
         )
-    calibrate(tr)
     try:
+        calibrate(tr)
         with graceful_stop(tr):
             while tr.state.epoch < tr.config.epochs:
                 epoch = tr.state.epoch
                 run_epoch(tr, epoch)
                 finish_epoch(tr, epoch_row(tr, epoch))
+        if tr.dist.is_main and tr.state.history:  # a crash may have cut the last write short
+            write_metrics(tr.run_dir, tr.state.history)
+        return summarize(tr)
     finally:
         if tr.tensorboard is not None:
             tr.tensorboard.close()
-    if tr.dist.is_main and tr.state.history:  # a crash may have cut the last write short
-        write_metrics(tr.run_dir, tr.state.history)
-    return summarize(tr)
+        if tr.lock is not None:
+            tr.lock.release()
 
 
 def train(config: Config, run_dir: str | Path, **options: Any) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--print-config", action="store_true", help="show the resolved config, exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument(
         "--checkpoint-every", type=int, default=0, metavar="N", help="also save every N batches"
     )
@@ -195,16 +195,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(summary: dict[str, Any]) -> str:
-    """The lines `fosc train` ends with: the final model on the held-out examples."""
-    test = summary["test"]
-    steps = test["attack"].split(" ")[0]
+    """The lines `fosc train` ends with: the final model on the test split (evaluated once),
+    and the epoch the validation slice chose as `best`; each number names its split."""
+    test, val, best = summary["test"], summary["validation"], summary["best"]
+    name = test["attack"].split(" ")[0]
+    on_test = f"on the {test['n']} test examples"
     lines = [
         f"run:                  {summary['run_dir']}",
-        f"clean accuracy:       {100 * test['clean_acc']:.1f}% on {test['n']} held-out examples",
-        f"{steps} accuracy:      {100 * test['robust_acc']:.1f}% ({test['attack']})",
-        f"gradient evaluations: {summary['grad_evals']:,} "
-        f"({summary['attack_grad_evals']:,} in attacks), {summary['time_s']:.0f} s of training",
+        f"clean accuracy:       {100 * test['clean_acc']:.1f}% {on_test}",
+        f"{name + ' accuracy:':<22}{100 * test['robust_acc']:.1f}% {on_test} ({test['attack']})",
     ]
+    if best is not None:
+        lines.append(
+            f"best (validation):    epoch {best['epoch']}, {name} accuracy "
+            f"{100 * best['val_robust_acc']:.1f}% on the {val['split']}"
+        )
+    else:
+        lines.append(f"best (validation):    {val['split']}")
+    lines.append(
+        f"gradient evaluations: {summary['grad_evals']:,} "
+        f"({summary['attack_grad_evals']:,} in attacks), {summary['time_s']:.0f} s of training"
+    )
     if summary.get("c_max") is not None:
         lines.append(f"DAT c_max:            {summary['c_max']:.4g}")
     return "\n".join(lines)
