@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from fosctrain.attacks.cw import CWInf
 from fosctrain.attacks.engine import AttackResult, attack_mode, run_attack
-from fosctrain.attacks.fgsm import FGSM
+from fosctrain.attacks.fgsm import FGSM, FGSMRS
 from fosctrain.attacks.pgd import PGD, PGDL2
 from fosctrain.attacks.stopping import FoscThreshold, MisclassifiedTau, StoppingRule
 from fosctrain.errors import UserError
 
-ATTACKS: dict[str, type[PGD]] = {"fgsm": FGSM, "pgd": PGD, "pgd-l2": PGDL2, "cw": CWInf}
+ATTACKS: dict[str, type[PGD]] = {
+    "fgsm": FGSM,
+    "fgsm-rs": FGSMRS,
+    "pgd": PGD,
+    "pgd-l2": PGDL2,
+    "cw": CWInf,
+}
 
 
 def create_attack(name: str, **options) -> PGD:
@@ -24,6 +30,7 @@ __all__ = [
     "AttackResult",
     "CWInf",
     "FGSM",
+    "FGSMRS",
     "FoscThreshold",
     "MisclassifiedTau",
     "PGD",
