@@ -14,7 +14,7 @@ def numpy_cw(z: np.ndarray, label: np.ndarray, targeted: bool, kappa: float = CW
     """Value and logit gradient of -relu(z_y - max_other + kappa) (untargeted) or
     -relu(max_other - z_t + kappa) (targeted), sample by sample."""
     values, grads = [], []
-    for row, k in zip(z, label):
+    for row, k in zip(z, label, strict=True):
         others = [j for j in range(len(row)) if j != k]
         j = others[int(np.argmax(row[others]))]
         inner = (row[k] - row[j] if not targeted else row[j] - row[k]) + kappa
