@@ -109,7 +109,8 @@ def test_each_component_gets_only_the_examples_still_robust():
         aa.Component(name, spy, {}) for name, spy in (("a", first), ("b", second), ("c", third))
     ]
     calls = []
-    masks = aa.run_suite(model, suite, x, y, clean, batch_size=8, on_batch=calls.append)
+    stages = aa.run_suite(model, suite, x, y, clean, batch_size=8, on_batch=calls.append)
+    masks = {name: stage.robust for name, stage in stages.items()}
     robust = [i for i in range(n) if i not in (3, 4)]
     assert sorted(first.seen) == robust
     assert sorted(second.seen) == [i for i in robust if i not in (0, 2, 6, 8)]

@@ -11,6 +11,7 @@ reported, so it is never mistaken for the standard suite.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,14 @@ HINT = (
     "AutoAttack needs torchattacks: pip install --no-deps torchattacks (its torchvision "
     "dependency is not needed and breaks beside a pinned torch; see README)"
 )
+
+
+@dataclass
+class Stage:
+    """Per-example robustness after a component (and all before it), and its seconds."""
+
+    robust: Tensor
+    seconds: float
 
 
 @dataclass
@@ -111,7 +120,7 @@ def run_suite(
     robust: Tensor,
     batch_size: int,
     on_batch: Callable[[str], None] = lambda name: None,
-) -> dict[str, Tensor]:
+) -> dict[str, Stage]:
     """Cumulative per-example robustness after each component, starting from `robust` (the
     clean-correct mask): a component attacks only the examples still robust, batch by batch
     (`on_batch(name)` after every batch, for progress)."""
@@ -119,6 +128,7 @@ def run_suite(
     robust = robust.clone()
     out = {}
     for comp in components:
+        started = time.perf_counter()
         for start in range(0, x.shape[0], batch_size):
             idx = start + robust[start : start + batch_size].nonzero().squeeze(1)
             if idx.numel():
@@ -127,5 +137,5 @@ def run_suite(
                 with torch.no_grad():
                     robust[idx] = (model(x_adv).argmax(1) == yb).cpu()
             on_batch(comp.name)
-        out[comp.name] = robust.clone()
+        out[comp.name] = Stage(robust.clone(), time.perf_counter() - started)
     return out

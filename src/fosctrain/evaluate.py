@@ -512,21 +512,16 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, eps: float) -> None:
     label = aa.LABELS[version]
     n_classes = _n_classes(ctx.model, ctx.x)
     suite = aa.build_suite(ctx.model, version, eps, cfg.norm, n_classes, cfg.seed)
-    times: dict[str, float] = {}
-    clock = [time.perf_counter()]
 
     def on_batch(name: str) -> None:
-        now = time.perf_counter()
-        times[name] = times.get(name, 0.0) + now - clock[0]
-        clock[0] = now
         ctx.bar.set_description(f"eps={eps:g} {label} {name}")
         ctx.bar.update(1)
 
     ctx.bar.set_description(f"eps={eps:g} {label} {suite[0].name}")
-    masks = aa.run_suite(ctx.model, suite, ctx.x, ctx.y, ctx.clean, cfg.batch_size, on_batch)
+    stages = aa.run_suite(ctx.model, suite, ctx.x, ctx.y, ctx.clean, cfg.batch_size, on_batch)
     for comp in suite:
-        settings = {**comp.settings, "cumulative": True}
-        tally.record(f"{label}/{comp.name}", masks[comp.name], settings, times[comp.name])
+        stage, settings = stages[comp.name], {**comp.settings, "cumulative": True}
+        tally.record(f"{label}/{comp.name}", stage.robust, settings, stage.seconds)
     settings = {
         "name": "AutoAttack",
         "version": version,
@@ -538,7 +533,8 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, eps: float) -> None:
         "seed": cfg.seed,
         "library": "torchattacks (components; suite assembled by fosctrain.autoattack)",
     }
-    tally.record(label, masks[suite[-1].name], settings, sum(times.values()))
+    total = sum(stage.seconds for stage in stages.values())
+    tally.record(label, stages[suite[-1].name].robust, settings, total)
 
 
 def _transfer(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> None:
