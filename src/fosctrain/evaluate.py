@@ -4,9 +4,10 @@ gradient-masking sanity checks.
 `evaluate` runs, for every eps: a clean pass, FGSM, PGD (with restarts), C&W-inf (PGD on the
 C&W margin), optionally AutoAttack (fosctrain.autoattack: the standard suite built from
 torchattacks' components, or its labelled "fast" subset) and a black-box transfer attack (PGD
-crafted on another model). Every accuracy carries a 95% Wilson score interval. An example counts as
-robust in `worst_case` only if it is classified correctly clean and under every attack run
-(all restarts, AutoAttack and transfer included): the AND of the per-example correct masks.
+crafted on another model). Every accuracy carries a 95% Wilson score interval. An example
+counts as robust in `worst_case` only if it is classified correctly clean and under every
+attack run (all restarts, AutoAttack and transfer included): the AND of the per-example
+correct masks.
 
 Step sizes: FGSM takes one step of eps (FGSM-RS, on request: one step of 1.25 eps from a
 random start); PGD and C&W use alpha = 2.5 * eps / steps (Madry et al. 2018: the steps can
@@ -72,7 +73,6 @@ FOSC_RATIO_MAX = 0.5
 ZERO_GRAD_MAX = 0.5
 CHECK_N = 256
 BOUNDS = (0.0, 1.0)
-AUTOATTACK_HINT = aa.HINT
 CSV_COLUMNS = ("eps", "attack", "acc", "ci_low", "ci_high", "correct", "n")
 
 
@@ -834,7 +834,9 @@ def _settings(
         "pgd_restarts": cfg.pgd_restarts,
         "cw_steps": cfg.cw_steps,
         "alpha": cfg.alpha,
-        "alpha_rule": "given" if cfg.alpha is not None else "2.5 * eps / steps (FGSM: eps)",
+        "alpha_rule": "given"
+        if cfg.alpha is not None
+        else "2.5 * eps / steps (FGSM: eps, FGSM-RS: 1.25 eps)",
         "autoattack_label": aa.LABELS[autoattack] if autoattack else None,
         "batch_size": cfg.batch_size,
         "norm": cfg.norm,
