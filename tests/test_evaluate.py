@@ -348,16 +348,19 @@ def test_autoattack_needs_four_classes():
         run_eval(Linear2(0), x, y, autoattack=True, checks=False)
 
 
-def test_autoattack_runs_when_installed():
-    pytest.importorskip("torchattacks")
-    x, _ = linear_data()
-    model = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 10))
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    report = run_eval(
-        model, x[:16], y[:16], eps=0.1, attacks=("pgd",), autoattack=True, checks=False
-    )
+def test_step_size_is_stated_next_to_every_accuracy():
+    x, y = linear_data()
+    report = run_eval(Linear2(0), x[:16], y[:16], attacks=("fgsm", "fgsm-rs", "pgd", "cw"))
     res = report.results[0]
-    assert res.attacks["autoattack"].acc <= res.attacks["pgd"].acc + 1e-9
-    assert res.settings["autoattack"]["version"] == "standard"
-    assert res.worst_case.correct <= res.attacks["autoattack"].correct
+    for settings in res.settings.values():
+        assert settings["alpha"] > 0 and settings["alpha_rule"]
+    rs, plain = res.settings["fgsm-rs"], res.settings["fgsm"]
+    assert rs["random_start"] and rs["alpha"] == pytest.approx(1.25 * EPS)
+    assert not plain["random_start"] and plain["alpha"] == pytest.approx(EPS)
+    table = format_table(report)
+    assert f"PGD-20 (alpha {2.5 * EPS / 20:.4g} = 2.5 eps/steps)" in table
+    assert f"CW-inf-30 (alpha {2.5 * EPS / 30:.4g} = 2.5 eps/steps)" in table
+    assert f"FGSM (alpha {EPS:.4g} = eps)" in table
+    assert f"FGSM-RS, random start (alpha {1.25 * EPS:.4g} = 1.25 eps)" in table
+    given = format_table(run_eval(Linear2(0), x[:16], y[:16], attacks=("pgd",), alpha=0.001))
+    assert "PGD-20 (alpha 0.001, given)" in given

@@ -2,14 +2,18 @@
 gradient-masking sanity checks.
 
 `evaluate` runs, for every eps: a clean pass, FGSM, PGD (with restarts), C&W-inf (PGD on the
-C&W margin), optionally AutoAttack (torchattacks) and a black-box transfer attack (PGD crafted
-on another model). Every accuracy carries a 95% Wilson score interval. An example counts as
-robust in `worst_case` only if it is classified correctly clean and under every attack run
-(all restarts, AutoAttack and transfer included): the AND of the per-example correct masks.
+C&W margin), optionally AutoAttack (fosctrain.autoattack: the standard suite built from
+torchattacks' components, or its labelled "fast" subset) and a black-box transfer attack (PGD
+crafted on another model). Every accuracy carries a 95% Wilson score interval. An example
+counts as robust in `worst_case` only if it is classified correctly clean and under every
+attack run (all restarts, AutoAttack and transfer included): the AND of the per-example
+correct masks.
 
-Step sizes: FGSM takes one step of eps; PGD and C&W use alpha = 2.5 * eps / steps (Madry et
-al. 2018: the steps can cross the ball 2.5 times, so random starts at a corner still reach
-the far side) unless an explicit `alpha` is given.
+Step sizes: FGSM takes one step of eps (FGSM-RS, on request: one step of 1.25 eps from a
+random start); PGD and C&W use alpha = 2.5 * eps / steps (Madry et al. 2018: the steps can
+cross the ball 2.5 times, so random starts at a corner still reach the far side) unless an
+explicit `alpha` is given. Every attack's settings (alpha and the rule that gave it included)
+are stored with its result and printed next to its accuracy.
 
 FOSC: for the first PGD restart, FOSC is measured exactly at the random start and at the final
 points (one input-gradient pass each, as final_fosc=True would), box-aware by default because
@@ -51,13 +55,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from fosctrain.attacks import FGSM, PGD, PGDL2, AttackResult, CWInf, attack_mode
+from fosctrain import autoattack as aa
+from fosctrain.attacks import FGSM, FGSMRS, PGD, PGDL2, AttackResult, CWInf, attack_mode
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json, atomic_write_text
 from fosctrain.fosc import fosc, fosc_stats
 from fosctrain.losses import input_gradient, objective
 
 ATTACK_NAMES = ("fgsm", "pgd", "cw")
+LINF_ATTACKS = ("fgsm", "fgsm-rs", "pgd", "cw")
 L2_ATTACKS = ("pgd",)
 Z95 = 1.959963984540054
 CHECK_MARGIN = 0.03
@@ -66,11 +72,6 @@ FOSC_RATIO_MAX = 0.5
 ZERO_GRAD_MAX = 0.5
 CHECK_N = 256
 BOUNDS = (0.0, 1.0)
-AUTOATTACK_HINT = (
-    "AutoAttack needs torchattacks: pip install --no-deps torchattacks (its torchvision "
-    "dependency is not needed and breaks beside a pinned torch; see README)"
-)
-AUTOATTACK_MIN_CLASSES = 4
 CSV_COLUMNS = ("eps", "attack", "acc", "ci_low", "ci_high", "correct", "n")
 
 
@@ -208,7 +209,7 @@ def validate_eps(eps_list: Sequence[float], norm: str = "linf") -> list[float]:
 def _validate(cfg: _Config, n: int) -> None:
     if cfg.norm not in ("linf", "l2"):
         raise UserError(f"unknown norm {cfg.norm!r}; choose 'linf' or 'l2'")
-    allowed = ATTACK_NAMES if cfg.norm == "linf" else L2_ATTACKS
+    allowed = LINF_ATTACKS if cfg.norm == "linf" else L2_ATTACKS
     for name in cfg.attacks:
         if name not in allowed:
             raise UserError(f"unknown attack {name!r} for norm {cfg.norm}; choose from {allowed}")
@@ -267,10 +268,21 @@ def _pgd_alpha(cfg: _Config, eps: float, steps: int) -> float:
     return cfg.alpha if cfg.alpha is not None else 2.5 * eps / steps
 
 
+def _alpha_rule(name: str, cfg: _Config) -> str:
+    """How the attack's step size was chosen, printed next to its accuracy."""
+    if name == "fgsm":
+        return "eps"
+    if name == "fgsm-rs":
+        return "1.25 eps"
+    return "given" if cfg.alpha is not None else "2.5 eps/steps"
+
+
 def _make_attack(name: str, eps: float, cfg: _Config, steps: int | None = None) -> PGD:
     """The attack `name` at budget eps with the evaluation's step sizes."""
     if name == "fgsm":
         return FGSM(eps=eps)
+    if name == "fgsm-rs":
+        return FGSMRS(eps=eps)
     steps = steps or (cfg.cw_steps if name == "cw" else cfg.pgd_steps)
     alpha = _pgd_alpha(cfg, eps, steps)
     box = cfg.fosc_box and cfg.norm == "linf"
@@ -395,32 +407,6 @@ def _run_restarts(
     return mask, first
 
 
-def _autoattack_correct(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, cfg: _Config, bar: tqdm
-) -> Tensor:
-    """AutoAttack (standard version, torchattacks) correctness per example."""
-    try:
-        import torchattacks
-    except ImportError:
-        raise UserError(AUTOATTACK_HINT) from None
-    dev = _device(model)
-    n_classes = _autoattack_classes(model, x)
-    atk = torchattacks.AutoAttack(
-        model,
-        norm="Linf" if cfg.norm == "linf" else "L2",
-        eps=eps,
-        version="standard",
-        n_classes=n_classes,
-        seed=cfg.seed,
-    )
-    correct = []
-    for span in _spans(x.shape[0], cfg.batch_size):
-        xb, yb = x[span].to(dev), y[span].to(dev)
-        correct.append(_correct(model, atk(xb, yb), yb))
-        bar.update(1)
-    return torch.cat(correct)
-
-
 def _nanmean(v: Tensor) -> float:
     v = v[~torch.isnan(v)].double()
     return v.mean().item() if v.numel() else float("nan")
@@ -454,7 +440,7 @@ class _EpsContext:
     cfg: _Config
     bar: tqdm
     source_model: nn.Module | None
-    autoattack: bool
+    autoattack: str | None
     checks: bool
 
 
@@ -468,7 +454,10 @@ class _Tally:
     timing: dict[str, float] = field(default_factory=dict)
 
     def add(self, name: str, mask: Tensor, settings: dict, started: float) -> None:
-        self.timing[name] = time.perf_counter() - started
+        self.record(name, mask, settings, time.perf_counter() - started)
+
+    def record(self, name: str, mask: Tensor, settings: dict, seconds: float) -> None:
+        self.timing[name] = seconds
         self.settings[name] = settings
         self.accs[name] = Accuracy.of(mask)
         self.worst &= mask
@@ -494,23 +483,41 @@ def _white_box(
         name,
         probe=name == "pgd",
     )
-    tally.add(name, mask, {**attack.describe(), "restarts": restarts}, started)
+    settings = {**attack.describe(), "restarts": restarts, "alpha_rule": _alpha_rule(name, ctx.cfg)}
+    tally.add(name, mask, settings, started)
     return mask, out
 
 
 def _autoattack(ctx: _EpsContext, tally: _Tally, eps: float) -> None:
-    ctx.bar.set_description(f"eps={eps:g} autoattack")
-    started = time.perf_counter()
-    mask = _autoattack_correct(ctx.model, ctx.x, ctx.y, eps, ctx.cfg, ctx.bar)
+    """The AutoAttack suite: every component's cumulative accuracy ("LABEL/COMPONENT", each on
+    the examples the previous ones left robust) and the final one ("LABEL")."""
+    version, cfg = ctx.autoattack, ctx.cfg
+    label = aa.LABELS[version]
+    n_classes = _n_classes(ctx.model, ctx.x)
+    suite = aa.build_suite(ctx.model, version, eps, cfg.norm, n_classes, cfg.seed)
+
+    def on_batch(name: str) -> None:
+        ctx.bar.set_description(f"eps={eps:g} {label} {name}")
+        ctx.bar.update(1)
+
+    ctx.bar.set_description(f"eps={eps:g} {label} {suite[0].name}")
+    stages = aa.run_suite(ctx.model, suite, ctx.x, ctx.y, ctx.clean, cfg.batch_size, on_batch)
+    for comp in suite:
+        stage, settings = stages[comp.name], {**comp.settings, "cumulative": True}
+        tally.record(f"{label}/{comp.name}", stage.robust, settings, stage.seconds)
     settings = {
         "name": "AutoAttack",
-        "version": "standard",
+        "version": version,
+        "label": label,
+        "alpha": "per component",
+        "components": [c.settings for c in suite],
         "eps": eps,
-        "norm": ctx.cfg.norm,
-        "seed": ctx.cfg.seed,
-        "library": "torchattacks",
+        "norm": cfg.norm,
+        "seed": cfg.seed,
+        "library": "torchattacks (components; suite assembled by fosctrain.autoattack)",
     }
-    tally.add("autoattack", mask, settings, started)
+    total = sum(stage.seconds for stage in stages.values())
+    tally.record(label, stages[suite[-1].name].robust, settings, total)
 
 
 def _transfer(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> None:
@@ -522,7 +529,12 @@ def _transfer(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> None:
     out = _run(
         ctx.model, attack, ctx.x, ctx.y, ctx.cfg.batch_size, gen, ctx.bar, craft_on=ctx.source_model
     )
-    settings = {**attack.describe(), "restarts": 1, "crafted_on": "source_model"}
+    settings = {
+        **attack.describe(),
+        "restarts": 1,
+        "alpha_rule": _alpha_rule("pgd", ctx.cfg),
+        "crafted_on": "source_model",
+    }
     tally.add("transfer", out.correct, settings, started)
 
 
@@ -716,7 +728,7 @@ def evaluate(
     batch_size: int = 500,
     norm: str = "linf",
     seed: int = 0,
-    autoattack: bool = False,
+    autoattack: bool | str | None = None,
     source_model: nn.Module | None = None,
     checks: bool = True,
     check_n: int = CHECK_N,
@@ -726,6 +738,8 @@ def evaluate(
     """Clean and robust accuracy of `model` on (x, y) at every eps of `eps_list`.
 
     `alpha` (absolute) overrides the default step size 2.5 * eps / steps of PGD and C&W.
+    `autoattack`: None, "standard" (Croce & Hein's suite; True means this) or "fast"
+    (APGD-CE + APGD-T, reported as "autoattack-fast").
     `source_model` adds a black-box transfer attack (PGD crafted on it). The model runs in eval
     mode with frozen parameters; both are restored afterwards.
     """
@@ -734,14 +748,15 @@ def evaluate(
         attacks, pgd_steps, pgd_restarts, cw_steps, alpha, batch_size, norm, seed, fosc_box, check_n
     )
     _validate(cfg, int(x.shape[0]))
+    autoattack = aa.version_of(autoattack)
     if not attacks and not autoattack and source_model is None:
         raise UserError("no attack to run: give at least one of fgsm, pgd, cw")
     eps_values = validate_eps(eps_list, norm)
     _check_data(x, y)
     x, y = x.detach().cpu(), y.detach().cpu()
     if autoattack:
-        _require_torchattacks()
-        _autoattack_classes(model, x)
+        aa.require_torchattacks()
+        aa.check_classes(_n_classes(model, x))
     start = time.perf_counter()
     pgd_checks = checks and "pgd" in attacks
     total = _progress_total(
@@ -768,35 +783,23 @@ def evaluate(
 
 
 def _progress_total(
-    cfg: _Config, n: int, n_eps: int, autoattack: bool, transfer: bool, pgd_checks: bool
+    cfg: _Config, n: int, n_eps: int, autoattack: str | None, transfer: bool, pgd_checks: bool
 ) -> int:
     """Batches the progress bar counts: every attack and restart at every eps, the checks."""
     batches = len(_spans(n, cfg.batch_size))
     check_batches = len(_spans(min(cfg.check_n, n), cfg.batch_size))
     units = sum(cfg.pgd_restarts if a == "pgd" else 1 for a in cfg.attacks)
-    per_eps = (units + int(autoattack) + int(transfer)) * batches
+    units += len(aa.COMPONENTS[autoattack]) if autoattack else 0
+    per_eps = (units + int(transfer)) * batches
     if pgd_checks:
         per_eps += (cfg.pgd_restarts + 1) * check_batches
     return n_eps * per_eps + (check_batches if pgd_checks else 0)
 
 
-def _require_torchattacks() -> None:
-    try:
-        import torchattacks  # noqa: F401
-    except ImportError:
-        raise UserError(AUTOATTACK_HINT) from None
-
-
-def _autoattack_classes(model: nn.Module, x: Tensor) -> int:
-    """The model's number of classes; UserError below the 4 AutoAttack's targeted DLR needs."""
+def _n_classes(model: nn.Module, x: Tensor) -> int:
+    """The model's number of outputs (one forward pass on one example)."""
     with attack_mode(model), torch.no_grad():
-        n_classes = int(model(x[:1].to(_device(model))).shape[1])
-    if n_classes < AUTOATTACK_MIN_CLASSES:
-        raise UserError(
-            f"AutoAttack (standard) needs at least {AUTOATTACK_MIN_CLASSES} classes (its "
-            f"targeted DLR loss does); this model has {n_classes}"
-        )
-    return n_classes
+        return int(model(x[:1].to(_device(model))).shape[1])
 
 
 def _maybe_attack_mode(model: nn.Module | None) -> contextlib.AbstractContextManager:
@@ -804,7 +807,7 @@ def _maybe_attack_mode(model: nn.Module | None) -> contextlib.AbstractContextMan
 
 
 def _settings(
-    cfg: _Config, eps: list[float], autoattack: bool, transfer: bool, checks: bool
+    cfg: _Config, eps: list[float], autoattack: str | None, transfer: bool, checks: bool
 ) -> dict:
     """The evaluation's options, for eval.json (per-attack settings live in each result)."""
     return {
@@ -814,7 +817,10 @@ def _settings(
         "pgd_restarts": cfg.pgd_restarts,
         "cw_steps": cfg.cw_steps,
         "alpha": cfg.alpha,
-        "alpha_rule": "given" if cfg.alpha is not None else "2.5 * eps / steps (FGSM: eps)",
+        "alpha_rule": "given"
+        if cfg.alpha is not None
+        else "2.5 * eps / steps (FGSM: eps, FGSM-RS: 1.25 eps)",
+        "autoattack_label": aa.LABELS[autoattack] if autoattack else None,
         "batch_size": cfg.batch_size,
         "norm": cfg.norm,
         "seed": cfg.seed,
@@ -863,15 +869,59 @@ def write_report(report: EvalReport, out_dir: str | Path, stem: str = "eval") ->
     return [json_path, csv_path]
 
 
+ATTACK_TITLES = {
+    "FGSM": "FGSM",
+    "FGSMRS": "FGSM-RS",
+    "PGD": "PGD",
+    "PGDL2": "PGD-L2",
+    "CWInf": "CW-inf",
+}
+
+
+def attack_note(settings: dict) -> str:
+    """The attack's steps and step size in a few words, e.g.
+    "PGD-20 (alpha 0.0375 = 2.5 eps/steps)", printed next to its accuracy."""
+    if not settings:
+        return ""
+    if "components" in settings:
+        parts = " + ".join(c["name"] for c in settings["components"])
+        return f"{settings['label']} ({settings['version']}): {parts}"
+    if "queries" in settings:
+        return f"{settings['name']}, {settings['queries']} queries ({settings['alpha']})"
+    if isinstance(settings.get("alpha"), str):
+        targets = settings.get("target_classes")
+        extra = f", {targets} target classes" if targets else ""
+        return (
+            f"{settings['name']}, {settings['steps']} steps{extra} (step size {settings['alpha']})"
+        )
+    title = ATTACK_TITLES.get(settings.get("name"), settings.get("name", "?"))
+    steps, restarts = settings.get("steps", 1), settings.get("restarts", 1)
+    text = title if steps == 1 else f"{title}-{steps}"
+    if restarts > 1:
+        text += f" x{restarts}"
+    if settings.get("random_start") and steps == 1:
+        text += ", random start"
+    if settings.get("crafted_on"):
+        text += f" crafted on the {settings['crafted_on'].replace('_', ' ')}"
+    rule = settings.get("alpha_rule", "")
+    how = ", given" if rule == "given" else f" = {rule}" if rule else ""
+    return f"{text} (alpha {settings['alpha']:.4g}{how})"
+
+
 def format_table(report: EvalReport) -> str:
-    """A readable table: accuracy [95% CI] per eps and attack, then FOSC and the warnings."""
+    """A readable table: accuracy [95% CI] per eps and attack with the attack's steps and step
+    size, then FOSC and the warnings."""
     lines = [f"{report.n} examples, norm {report.norm}, seed {report.seed}, {report.time_s:.1f} s"]
-    header = f"{'eps':>8}  {'attack':<12}{'accuracy':>9}  {'95% CI':<17}"
+    width = max([12, *(len(name) + 2 for r in report.results for name, _ in r.rows())])
+    header = f"{'eps':>8}  {'attack':<{width}}{'accuracy':>9}  {'95% CI':<17} settings"
     lines += [header, "-" * len(header)]
     for r in report.results:
         for name, acc in r.rows():
             lo, hi = acc.ci
-            lines.append(f"{r.eps:>8.4g}  {name:<12}{acc.acc:>8.2%}  [{lo:6.2%}, {hi:6.2%}]")
+            note = attack_note(r.settings.get(name, {}))
+            lines.append(
+                f"{r.eps:>8.4g}  {name:<{width}}{acc.acc:>8.2%}  [{lo:6.2%}, {hi:6.2%}]  {note}"
+            )
         if r.fosc:
             f = r.fosc
             lines.append(

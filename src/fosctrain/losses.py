@@ -22,11 +22,26 @@ def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def _best_other(logits: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+    """(z_label, max_{j != label} z_j) per sample."""
+    z_label = logits.gather(1, label[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), float("-inf"))
+    return z_label, other.amax(1)
+
+
 def cw_margin(logits: Tensor, y: Tensor, kappa: float = CW_KAPPA) -> Tensor:
-    """Carlini-Wagner margin, max_{j != y} z_j - z_y, clamped below at -kappa (Madry's CW-inf)."""
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return (other.amax(1) - z_y).clamp(min=-kappa)
+    """Carlini-Wagner objective of Madry et al.'s CW-inf (also TRADES, FAT):
+    -relu(z_y - max_{j != y} z_j + kappa). Its gradient is non-zero until the example is
+    fooled by a margin of kappa, so confidently correct examples are attacked too."""
+    z_y, best_other = _best_other(logits, y)
+    return -F.relu(z_y - best_other + kappa)
+
+
+def cw_margin_targeted(logits: Tensor, t: Tensor, kappa: float = CW_KAPPA) -> Tensor:
+    """The targeted C&W objective towards t: -relu(max_{j != t} z_j - z_t + kappa), flat only
+    once the target leads every other class by kappa."""
+    z_t, best_other = _best_other(logits, t)
+    return -F.relu(best_other - z_t + kappa)
 
 
 def kl_from_clean(logits: Tensor, p_clean: Tensor) -> Tensor:
@@ -41,16 +56,20 @@ OBJECTIVES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "cw": cw_margin,
     "kl": kl_from_clean,
 }
+TARGETED: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"cw": cw_margin_targeted}
 
 
 def objective(name: str, targeted: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
-    """The per-sample function an attack maximizes; targeted attacks maximize its negative
-    towards the target label y (for cw, the target's margin over the best other class)."""
+    """The per-sample function an attack maximizes. Targeted attacks (y = the target label)
+    maximize the negative of the untargeted objective, except cw, whose targeted form is its
+    own function (the negative of the untargeted hinge would be flat at the wrong end)."""
     if name not in OBJECTIVES:
         raise UserError(f"unknown attack loss {name!r}; choose one of {sorted(OBJECTIVES)}")
     fn = OBJECTIVES[name]
     if not targeted:
         return fn
+    if name in TARGETED:
+        return TARGETED[name]
     return lambda logits, y: -fn(logits, y)
 
 

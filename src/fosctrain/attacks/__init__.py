@@ -11,12 +11,18 @@ from fosctrain.attacks.engine import (
     random_start,
     run_attack,
 )
-from fosctrain.attacks.fgsm import FGSM
+from fosctrain.attacks.fgsm import FGSM, FGSMRS
 from fosctrain.attacks.pgd import PGD, PGDL2
 from fosctrain.attacks.stopping import FoscThreshold, MisclassifiedTau, StoppingRule
 from fosctrain.errors import UserError
 
-ATTACKS: dict[str, type[PGD]] = {"fgsm": FGSM, "pgd": PGD, "pgd-l2": PGDL2, "cw": CWInf}
+ATTACKS: dict[str, type[PGD]] = {
+    "fgsm": FGSM,
+    "fgsm-rs": FGSMRS,
+    "pgd": PGD,
+    "pgd-l2": PGDL2,
+    "cw": CWInf,
+}
 
 
 def create_attack(name: str, **options) -> PGD:
@@ -31,6 +37,7 @@ __all__ = [
     "AttackResult",
     "CWInf",
     "FGSM",
+    "FGSMRS",
     "FoscThreshold",
     "MisclassifiedTau",
     "Observer",

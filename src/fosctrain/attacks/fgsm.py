@@ -1,18 +1,42 @@
-"""FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps; with random_start
-and alpha = 1.25 eps it is the Fast-AT attack (Wong et al. 2020)."""
+"""FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps from the clean point;
+FGSM-RS (Wong et al. 2020, the Fast-AT attack): one step of alpha = 1.25 eps from a uniform
+random start in the eps ball, projected back onto the ball."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from fosctrain.attacks.pgd import PGD
+from fosctrain.errors import UserError
+
+FGSM_RS_ALPHA = 1.25
 
 
 @dataclass
 class FGSM(PGD):
+    """One step of size eps (or alpha) from the clean point; more steps would be BIM/PGD."""
+
     steps: int = 1
     random_start: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps != 1:
+            raise UserError(
+                f"{type(self).__name__} takes exactly one step, got steps={self.steps!r} "
+                "(for more steps use pgd)"
+            )
 
     @property
     def step_size(self) -> float:
         return self.eps if self.alpha is None else self.alpha
+
+
+@dataclass
+class FGSMRS(FGSM):
+    """FGSM with a random start: alpha defaults to 1.25 eps."""
+
+    random_start: bool = True
+
+    @property
+    def step_size(self) -> float:
+        return FGSM_RS_ALPHA * self.eps if self.alpha is None else self.alpha

@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", default="pgd", choices=sorted(ATTACKS))
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--alpha", type=float)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, help="steps (default: the attack's own; fgsm: 1)")
     p.add_argument("--n", type=int, default=256, help="test examples attacked")
     p.add_argument("--stop-fosc", type=float, help="stop a sample once its FOSC <= this (DAT)")
     p.add_argument("--seed", type=int, default=0)
@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(args.model, in_channels=data.input_shape[0]).eval()
     x, y = fixed_subset(data.x_test, data.y_test, args.n)
     stop = None if args.stop_fosc is None else FoscThreshold(args.stop_fosc)
-    options = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, stop=stop, seed=args.seed)
+    options = dict(eps=args.eps, alpha=args.alpha, stop=stop, seed=args.seed)
+    if args.steps is not None:
+        options["steps"] = args.steps
     attack = create_attack(args.attack, final_fosc=True, **options)
     result = attack(model, x, y)
     print(f"{'step':>4} {'running':>7} {'FOSC mean':>10} {'median':>10} {'p90':>10}")

@@ -15,9 +15,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fosctrain.autoattack import VERSIONS
 from fosctrain.data import load_dataset
 from fosctrain.errors import UserError
-from fosctrain.evaluate import ATTACK_NAMES, L2_ATTACKS, evaluate, format_table, write_report
+from fosctrain.evaluate import (
+    ATTACK_NAMES,
+    L2_ATTACKS,
+    LINF_ATTACKS,
+    evaluate,
+    format_table,
+    write_report,
+)
 from fosctrain.runs import LoadedModel, load_model, read_config, resolve_checkpoint
 
 REQUIRED_CONFIG = ("model",)
@@ -30,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attacks",
         nargs="+",
         metavar="ATTACK",
-        help=f"attacks to run (default: {' '.join(ATTACK_NAMES)}; L2 runs: pgd)",
+        help=f"attacks to run, from {' '.join(LINF_ATTACKS)} "
+        f"(default: {' '.join(ATTACK_NAMES)}; L2 runs: pgd)",
     )
     parser.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
     parser.add_argument("--cw-steps", type=int, default=30, help="C&W-inf steps (default 30)")
@@ -38,7 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help="PGD/C&W step size (default 2.5 * eps / steps)")
     parser.add_argument("--n", type=int, default=1000, help="test examples (default 1000)")
     parser.add_argument("--source", help="checkpoint or run to craft a transfer attack on")
-    parser.add_argument("--autoattack", action="store_true", help="also run AutoAttack")
+    parser.add_argument(
+        "--autoattack",
+        nargs="?",
+        const="standard",
+        choices=VERSIONS,
+        help="also run AutoAttack: standard (the flag alone; APGD-CE, APGD-T, FAB-T, Square with "
+        "Croce & Hein's settings) or fast (APGD-CE + APGD-T, reported as autoattack-fast)",
+    )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     parser.add_argument("--out", help="output directory (default: RUN/eval)")
     parser.add_argument(
