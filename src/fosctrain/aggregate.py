@@ -173,7 +173,7 @@ def summary_markdown(plan: Plan, summary: list[dict]) -> str:
     lines = [
         f"# {exp.name} at scale {scale.name}",
         "",
-        f"{exp.description}. Scale: {scale.description}. Final report on the first "
+        f"{exp.description}. Scale: {scale.description}. Final report on a fixed subset of "
         f"{plan.spec.n} test examples"
         + (f" (AutoAttack: {plan.spec.autoattack_n})" if plan.spec.autoattack_n else "")
         + ", last checkpoint; accuracy in % as mean ± sample std [95% t-interval] over seeds; "

@@ -62,13 +62,13 @@ class Experiment:
 
 SMOKE_BASE = dict(
     dataset="mnist5k",
-    train_n=128,
+    train_n=64,
     epochs=1,
-    batch_size=64,
+    batch_size=32,
     lr_milestones=[1],
-    eval_n=16,
-    final_eval_n=16,
-    eval_steps=3,
+    eval_n=8,
+    final_eval_n=8,
+    eval_steps=2,
     steps=3,
 )
 
@@ -77,12 +77,12 @@ SCALES: dict[str, Scale] = {
     for s in (
         Scale(
             "smoke",
-            "seconds per experiment: 128 digits, 1 epoch, 3 PGD steps, 16 test digits",
+            "seconds per experiment: 64 digits, 1 epoch of 2 batches, 3 PGD steps, 8 test digits",
             SMOKE_BASE,
             seeds=1,
-            eval_n=16,
+            eval_n=8,
             autoattack_n=4,
-            measure_n=16,
+            measure_n=8,
             measure_steps=5,
             checks=False,
         ),

@@ -8,9 +8,10 @@ one is picked by test accuracy during training, so it would not be an honest tes
 
 A run with summary.json and every evaluation present is finished and skipped; one with a
 config.json resumes where it stopped. `--jobs N` trains N runs at a time in spawned processes,
-one torch thread each. `--print-commands` prints the same work as `fosc train` / `fosc eval`
-(/ `fosc measure`) command lines for a cluster's scheduler; a later `fosc reproduce` with the
-same arguments finds those runs finished and only aggregates (fosctrain.aggregate).
+each on --threads torch threads (default one). `--print-commands` prints the same work as
+`fosc train` / `fosc eval` (/ `fosc measure`) command lines for a cluster's scheduler; a later
+`fosc reproduce` with the same arguments finds those runs finished and only aggregates
+(fosctrain.aggregate).
 
 OUT/experiment.json names the experiment and scale, so that one directory never mixes two.
 """
@@ -24,6 +25,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fosctrain.config import Config, resolve
 from fosctrain.errors import UserError
@@ -218,21 +221,21 @@ def measure_run(run_dir: Path, n: int, steps: int) -> None:
 
 
 def _job(config: Config, run_dir: Path, spec: EvalSpec) -> None:
-    """One run in a worker process: one torch thread."""
-    import torch
-
-    torch.set_num_threads(1)
+    """One run in a worker process, on config.threads torch threads (training and evaluation)."""
+    torch.set_num_threads(config.threads or 1)
     execute(config, run_dir, spec)
 
 
 # ---------------------------------------------------------------- all runs
 
 
-def run_plan(plan: Plan, jobs: int = 1, log=print) -> dict[str, str]:
-    """Run every unfinished run (`jobs` at a time); returns {run name: error} for failures.
-    A UserError (bad data, a non-finite loss) fails its run only; the others go on."""
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UserError(f"--jobs must be an integer >= 1, got {jobs!r}")
+def run_plan(plan: Plan, jobs: int = 1, threads: int = 1, log=print) -> dict[str, str]:
+    """Run every unfinished run, `jobs` at a time on `threads` torch threads each; returns
+    {run name: error} for failures. A UserError (bad data, a non-finite loss) fails its run
+    only; the others go on."""
+    for name, value in (("--jobs", jobs), ("--threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be an integer >= 1, got {value!r}")
     claim_out(plan)
     todo = [r for r in plan.runs if status(r, plan.spec) != "finished"]
     log(
@@ -241,17 +244,21 @@ def run_plan(plan: Plan, jobs: int = 1, log=print) -> dict[str, str]:
     )
     failures: dict[str, str] = {}
     if jobs == 1:
-        for i, run in enumerate(todo, 1):
-            log(f"[{i}/{len(todo)}] {run.name}")
-            try:
-                execute(plan.config(run), run.dir, plan.spec)
-            except UserError as e:
-                failures[run.name] = str(e)
+        before = torch.get_num_threads()
+        try:
+            for i, run in enumerate(todo, 1):
+                log(f"[{i}/{len(todo)}] {run.name}")
+                try:
+                    _job(plan.config(run, threads), run.dir, plan.spec)
+                except UserError as e:
+                    failures[run.name] = str(e)
+        finally:
+            torch.set_num_threads(before)
         return failures
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {
-            pool.submit(_job, plan.config(run, threads=1), run.dir, plan.spec): run for run in todo
+            pool.submit(_job, plan.config(run, threads), run.dir, plan.spec): run for run in todo
         }
         for i, future in enumerate(cf.as_completed(futures), 1):
             run = futures[future]

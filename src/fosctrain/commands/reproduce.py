@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="small", help=f"one of: {', '.join(SCALES)} (default small)")
     p.add_argument("--out", help="output directory (default reproduce/EXPERIMENT-SCALE)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default: the scale's)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--data-dir", help="dataset files (cifar10; mnist idx files)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--print-commands", action="store_true", help="print commands, run nothing")
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         claim_out(plan)
         print("\n".join(commands(plan)))
         return 0
-    failures = {} if args.collect else run_plan(plan, args.jobs, log=_log)
+    failures = {} if args.collect else run_plan(plan, args.jobs, args.threads, log=_log)
     claim_out(plan)
     rows, summary = write_tables(plan)
     figures = write_figures(plan, summary)
