@@ -21,7 +21,7 @@ from fosctrain.config import resolve
 from fosctrain.errors import UserError
 from fosctrain.experiments import EXPERIMENTS, SCALES, get_experiment, overrides
 from fosctrain.methods import create_method
-from fosctrain.reproduce import make_plan, run_plan, status
+from fosctrain.reproduce import commands, make_plan, run_plan, status
 
 SMOKE = SCALES["smoke"]
 TRAIN_N = SMOKE.base["train_n"]
@@ -126,6 +126,14 @@ def test_relative_values_follow_the_scale():
     assert paper["alpha"] == pytest.approx(0.075)  # eps / 4 of mnist-paper, its own alpha
 
 
+def test_autoattack_only_on_the_scales_first_seeds(tmp_path):
+    plan = make_plan("methods", "small", tmp_path)
+    by_seed = {r.seed: r.spec.autoattack_n for r in plan.runs if r.config_name == "dat"}
+    assert by_seed == {0: SCALES["small"].autoattack_n, 1: 0, 2: 0}
+    lines = [line for line in commands(plan) if "/dat-s" in line]
+    assert ["--autoattack" in line for line in lines] == [True, False, False]
+
+
 # ---------------------------------------------------------------- resuming, --jobs
 
 
@@ -139,7 +147,7 @@ def test_finished_runs_are_skipped_and_partial_ones_resume(tmp_path, monkeypatch
     (madry / "summary.json").unlink()
     (natural / "eval" / "eval.json").unlink()
     plan = make_plan("fosc-vs-steps", "smoke", tmp_path)
-    assert [status(r, plan.spec) for r in plan.runs] == ["partial", "partial"]
+    assert [status(r) for r in plan.runs] == ["partial", "partial"]
     assert reproduce("fosc-vs-steps", tmp_path) == 0
     assert "0 of 2 runs finished, 2 to run" in capsys.readouterr().err
     assert (natural / "summary.json").stat().st_mtime_ns == stamp  # not retrained
@@ -166,7 +174,7 @@ def test_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
     for path in run.dir.iterdir():
         if path.name != "config.json" and path.is_file():
             path.unlink()
-    assert status(run, plan.spec) == "partial"
+    assert status(run) == "partial"
     assert run_plan(plan, log=lambda m: None) == {}
     assert json.loads((run.dir / "summary.json").read_text())["grad_evals"] == grads
 

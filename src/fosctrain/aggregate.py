@@ -112,7 +112,7 @@ def collect(plan: Plan) -> list[dict[str, Any]]:
     """One row per planned run; unfinished runs are listed with their status and no numbers."""
     rows = []
     for run in plan.runs:
-        state = status(run, plan.spec)
+        state = status(run)
         numbers = run_numbers(run.dir) if state == "finished" else {}
         row = {"config": run.config_name, "seed": run.seed, "status": state}
         row.update({k: numbers.get(k, math.nan) for k in RUN_COLUMNS if k not in row})
@@ -202,5 +202,5 @@ def measure_paths(plan: Plan, config_name: str) -> list[Path]:
     return [
         r.dir / MEASURE_DIR / "measure.csv"
         for r in plan.runs
-        if r.config_name == config_name and status(r, plan.spec) == "finished"
+        if r.config_name == config_name and status(r) == "finished"
     ]

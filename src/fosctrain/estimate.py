@@ -10,8 +10,9 @@ the --dry-run output too:
 - Final evaluation: ~54 per example (clean, FGSM, PGD-20, C&W-30) plus ~110 per checked
   example (a 40-step PGD with 2 restarts, the large-eps PGD; 256 examples); AutoAttack
   (standard) AUTOATTACK_GRADS per example (APGD-CE, APGD-T, FAB-T, Square on a robust model).
-- This machine: the seconds of one forward + backward on one thread, measured on a batch of
-  the model now; `--jobs J` divides the total by J (J free cores assumed).
+- This machine: CPU seconds per gradient evaluation of PGD steps on one thread, measured on
+  a training batch of the untrained model now (CPU time, so other load does not inflate it);
+  `--jobs J` divides the total by J (J free cores assumed).
 - One GPU: FLOPs of a forward + backward (counted by torch) / GPU_FLOPS. Small models do not
   fill a GPU, so for the MNIST CNN this is a lower bound.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fosctrain.attacks import PGD
 from fosctrain.config import Config
 from fosctrain.methods import Dynamic, create_method
 from fosctrain.runs import build_model
@@ -72,29 +74,30 @@ class Speed:
 
 
 def measure_speed(config: Config) -> Speed:
-    """Time a forward + backward of the model on one thread (a batch of 32, or 2 for a model
-    with over 5M parameters) and count its FLOPs per example."""
+    """Time PGD steps (what most gradient evaluations are) on the untrained model on one thread
+    (a batch of 64, or 2 for a model with over 5M parameters); count FLOPs per example."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(config.to_dict())
     big = sum(p.numel() for p in model.parameters()) > 5_000_000
-    batch = 2 if big else 32
+    batch = 2 if big else config.batch_size
     x = torch.rand(batch, *SHAPES[config.dataset])
     y = torch.zeros(batch, dtype=torch.long)
+    pgd = PGD(eps=config.eps, alpha=config.step_size, steps=2 if big else 5)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         best = float("inf")
-        for _ in range(2 if big else 4):
-            start = time.perf_counter()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            best = min(best, time.perf_counter() - start)
+        for _ in range(2 if big else 3):
+            start = time.process_time()
+            result = pgd(model, x, y, generator=torch.Generator().manual_seed(0))
+            best = min(best, (time.process_time() - start) / result.grad_evals)
         with FlopCounterMode(display=False) as counter:
             torch.nn.functional.cross_entropy(model(x), y).backward()
     finally:
         torch.set_num_threads(threads)
     flops = counter.get_total_flops() / batch
-    return Speed(best / batch, flops / GPU_FLOPS, flops)
+    return Speed(best, flops / GPU_FLOPS, flops)
 
 
 def hours(seconds: float) -> str:
@@ -109,15 +112,12 @@ def describe_plan(plan, jobs: int = 1) -> str:
     """The plan of a fosctrain.reproduce.Plan (runs, their state) and its time estimate."""
     from fosctrain.reproduce import status
 
-    spec, lines = plan.spec, []
+    lines = []
     exp, scale = plan.experiment, plan.scale
     lines.append(f"{exp.name} at scale {scale.name}: {exp.description}")
     lines.append(f"scale: {scale.description}; out: {plan.out}")
     speeds: dict[str, Speed] = {}
     total_grads = cpu = gpu = 0.0
-    per_eval = evaluation_grads(
-        spec.n, spec.checks, spec.autoattack_n, spec.measure_n, spec.measure_steps
-    )
     header = f"{'run':<28} {'state':<9} {'grad evals':>12} {'1 CPU thread':>13} {'1 GPU':>8}"
     lines += [header, "-" * len(header)]
     for run in plan.runs:
@@ -125,12 +125,15 @@ def describe_plan(plan, jobs: int = 1) -> str:
         if config.model not in speeds:
             speeds[config.model] = measure_speed(config)
         speed = speeds[config.model]
-        grads = training_grads(config) + per_eval
+        s = run.spec
+        grads = training_grads(config) + evaluation_grads(
+            s.n, s.checks, s.autoattack_n, s.measure_n, s.measure_steps
+        )
         total_grads += grads
         cpu += grads * speed.cpu_s
         gpu += grads * speed.gpu_s
         lines.append(
-            f"{run.name:<28} {status(run, spec):<9} {grads:>12,.0f} "
+            f"{run.name:<28} {status(run):<9} {grads:>12,.0f} "
             f"{hours(grads * speed.cpu_s):>13} {hours(grads * speed.gpu_s):>8}"
         )
     for model, s in speeds.items():

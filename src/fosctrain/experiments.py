@@ -5,12 +5,15 @@ A configuration's value may be `Of(field, factor)`: factor times that field of t
 configuration, so that one definition serves every scale (T' or a switch epoch as a fraction of
 the epochs, a PGD step size as a multiple of eps).
 
-Choices at the `small` scale (mnist5k, 4,000 training digits; measured on this project's 2-core
-machine, a default 20-epoch `fosc train` takes ~2 min for DAT and ~2.7 min for Madry): 3 seeds,
-8 epochs with the learning-rate drop at epoch 7, the final evaluation on the first 500 test
-digits (FGSM, PGD-20, C&W-inf, gradient-masking checks) and AutoAttack (standard) on the first
-100 for the experiments that report it. `fosc reproduce EXPERIMENT --scale small --dry-run`
-prints the resulting estimate.
+Choices at the `small` scale (mnist5k, 4,000 training digits): 3 seeds, 4 epochs with the
+learning-rate drop at epoch 3, the final evaluation on a fixed subset of 500 test digits (FGSM,
+PGD-20, C&W-inf, gradient-masking checks), AutoAttack (standard) on 100 of them for seed 0 only
+(it costs ~3,500 gradient evaluations per robust example: as much as training). Cost, from
+`--dry-run` (gradient evaluations, DAT/FAT at their upper bound): fosc-vs-steps 0.37M,
+early-vs-late 2.1M, methods 6.4M, fosc-schedule 4.4M, frontier 13.1M; 26M in all: ~80 min on 2
+free cores at the ~0.37 ms per evaluation and core of a default `fosc train` (2.7 min for
+Madry's 880k on 2 threads), ~2.5 h at the 0.63-0.82 ms measured on a loaded machine. For a
+strict hour, --seeds 2 or fewer frontier points.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Scale:
     measure_n: int  # test examples of the FOSC-vs-steps measurement
     measure_steps: int
     checks: bool = True  # the evaluation's gradient-masking checks
+    autoattack_seeds: int = 1000  # AutoAttack on the seeds below this only (it is costly)
     preset: str | None = None
 
 
@@ -88,13 +92,14 @@ SCALES: dict[str, Scale] = {
         ),
         Scale(
             "small",
-            "embedded mnist5k (4,000/1,000), 8 epochs, 3 seeds; the suite in about an hour",
-            dict(dataset="mnist5k", epochs=8, lr_milestones=[7], eval_n=200, final_eval_n=200),
+            "embedded mnist5k (4,000/1,000), 4 epochs, 3 seeds",
+            dict(dataset="mnist5k", epochs=4, lr_milestones=[3], eval_n=100, final_eval_n=100),
             seeds=3,
             eval_n=500,
             autoattack_n=100,
             measure_n=500,
             measure_steps=40,
+            autoattack_seeds=1,
         ),
         Scale(
             "medium",

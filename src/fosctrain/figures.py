@@ -100,7 +100,7 @@ def plot_fosc_over_training(plan: Plan, path: Path, configs=("madry", "dat")) ->
     ax = fig.subplots()
     for i, name in enumerate(configs):
         for run in plan.runs:
-            if run.config_name != name or status(run, plan.spec) != "finished":
+            if run.config_name != name or status(run) != "finished":
                 continue
             try:
                 rows = read_metrics(run.dir)

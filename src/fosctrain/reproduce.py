@@ -19,6 +19,7 @@ OUT/experiment.json names the experiment and scale, so that one directory never 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
 import multiprocessing
 import shlex
@@ -69,6 +70,7 @@ class Run:
     seed: int
     overrides: dict[str, Any]
     dir: Path
+    spec: EvalSpec
 
     @property
     def name(self) -> str:
@@ -102,12 +104,6 @@ def make_plan(
         raise UserError(f"--seeds must be an integer >= 1, got {seeds!r}")
     out = Path(out) if out is not None else Path("reproduce") / f"{exp.name}-{sc.name}"
     extra = {"data_dir": data_dir} if data_dir is not None else {}
-    runs = []
-    for config_name in exp.configs:
-        for seed in range(n_seeds):
-            values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
-            run = Run(config_name, seed, values, out / "runs" / f"{config_name}-s{seed}")
-            runs.append(run)
     spec = EvalSpec(
         n=sc.eval_n,
         checks=sc.checks,
@@ -115,6 +111,14 @@ def make_plan(
         measure_n=sc.measure_n if exp.measure else 0,
         measure_steps=sc.measure_steps,
     )
+    no_autoattack = dataclasses.replace(spec, autoattack_n=0)
+    runs = []
+    for config_name in exp.configs:
+        for seed in range(n_seeds):
+            values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
+            run_dir = out / "runs" / f"{config_name}-s{seed}"
+            mine = spec if seed < sc.autoattack_seeds else no_autoattack
+            runs.append(Run(config_name, seed, values, run_dir, mine))
     plan = Plan(exp, sc, out, runs, spec)
     for run in runs:
         plan.config(run)  # a bad combination fails here, before any work
@@ -142,9 +146,9 @@ def claim_out(plan: Plan) -> None:
     atomic_write_json(path, mine)
 
 
-def status(run: Run, spec: EvalSpec) -> str:
+def status(run: Run) -> str:
     """finished (every output present), partial (started) or todo."""
-    if all((run.dir / f).is_file() for f in spec.outputs()):
+    if all((run.dir / f).is_file() for f in run.spec.outputs()):
         return "finished"
     return "partial" if (run.dir / "config.json").is_file() else "todo"
 
@@ -237,7 +241,7 @@ def run_plan(plan: Plan, jobs: int = 1, threads: int = 1, log=print) -> dict[str
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be an integer >= 1, got {value!r}")
     claim_out(plan)
-    todo = [r for r in plan.runs if status(r, plan.spec) != "finished"]
+    todo = [r for r in plan.runs if status(r) != "finished"]
     log(
         f"{plan.experiment.name} at {plan.scale.name}: {len(plan.runs) - len(todo)} of "
         f"{len(plan.runs)} runs finished, {len(todo)} to run -> {plan.out}"
@@ -249,7 +253,7 @@ def run_plan(plan: Plan, jobs: int = 1, threads: int = 1, log=print) -> dict[str
             for i, run in enumerate(todo, 1):
                 log(f"[{i}/{len(todo)}] {run.name}")
                 try:
-                    _job(plan.config(run, threads), run.dir, plan.spec)
+                    _job(plan.config(run, threads), run.dir, run.spec)
                 except UserError as e:
                     failures[run.name] = str(e)
         finally:
@@ -258,7 +262,7 @@ def run_plan(plan: Plan, jobs: int = 1, threads: int = 1, log=print) -> dict[str
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {
-            pool.submit(_job, plan.config(run, threads), run.dir, plan.spec): run for run in todo
+            pool.submit(_job, plan.config(run, threads), run.dir, run.spec): run for run in todo
         }
         for i, future in enumerate(cf.as_completed(futures), 1):
             run = futures[future]
@@ -302,17 +306,19 @@ def measure_argv(run: Run, n: int, steps: int) -> list[str]:
             "--overwrite"]  # fmt: skip
 
 
-def commands(plan: Plan, only_unfinished: bool = True) -> list[str]:
-    """One line per run: its train, eval (and AutoAttack / measure) commands joined by &&."""
+def commands(plan: Plan) -> list[str]:
+    """One line per unfinished run: the train, eval (AutoAttack, measure) commands it still
+    needs, joined by &&."""
     lines = []
-    spec = plan.spec
     for run in plan.runs:
-        if only_unfinished and status(run, spec) == "finished":
-            continue
-        steps = [train_argv(plan, run), eval_argv(run, spec.n, False, spec.checks, EVAL_DIR)]
-        if spec.autoattack_n:
+        spec, have = run.spec, {p for p in run.spec.outputs() if (run.dir / p).is_file()}
+        steps = [train_argv(plan, run)]
+        if f"{EVAL_DIR}/eval.json" not in have:
+            steps.append(eval_argv(run, spec.n, False, spec.checks, EVAL_DIR))
+        if spec.autoattack_n and f"{AUTOATTACK_DIR}/eval.json" not in have:
             steps.append(eval_argv(run, spec.autoattack_n, True, False, AUTOATTACK_DIR))
-        if spec.measure_n:
+        if spec.measure_n and f"{MEASURE_DIR}/measure.csv" not in have:
             steps.append(measure_argv(run, spec.measure_n, spec.measure_steps))
-        lines.append(" && ".join(shlex.join(s) for s in steps if s))
+        if any(steps):
+            lines.append(" && ".join(shlex.join(s) for s in steps if s))
     return lines
