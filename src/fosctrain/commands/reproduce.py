@@ -13,6 +13,8 @@ import sys
 
 from fosctrain.experiments import EXPERIMENTS, SCALES
 
+DRY_RUN_DATA_DIR = "DATA_DIR"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help=f"one of: {', '.join(EXPERIMENTS)}")
@@ -37,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
-    plan = make_plan(args.experiment, args.scale, args.out, args.seeds, args.data_dir)
+    # a dry run reads no data: a placeholder lets it plan a scale whose dataset needs --data-dir
+    data_dir = args.data_dir or (DRY_RUN_DATA_DIR if args.dry_run else None)
+    plan = make_plan(args.experiment, args.scale, args.out, args.seeds, data_dir)
     if args.dry_run:
         print(describe_plan(plan, args.jobs))
         return 0
