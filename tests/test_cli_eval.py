@@ -198,7 +198,7 @@ def test_bad_eps_is_one_line(run_dir, capsys, eps):
         (["--pgd-steps", "0"], "pgd_steps"),
         (["--which", "worst"], "which"),
         (["--dataset", "imagenet"], "imagenet"),
-        (["--dataset", "mnist"], "data directory"),
+        (["--dataset", "cifar10"], "data directory"),
     ],
 )
 def test_bad_eval_options_are_one_line(run_dir, capsys, args, match):

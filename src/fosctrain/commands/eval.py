@@ -1,10 +1,11 @@
 """`fosc eval CHECKPOINT_OR_RUN`: robust accuracy under FGSM, PGD, C&W-inf (and optionally
 AutoAttack and a transfer attack), with 95% intervals and gradient-masking checks.
 
-Defaults come from the run: eps from its config.json, data = the first --n examples of its
-dataset's test split. Results go to --out (default RUN/eval/) as eval.json and eval.csv. An
-earlier evaluation is never overwritten silently: if eval.json or eval.csv exists there, the
-next free name eval-2, eval-3, ... is used, unless --overwrite is given.
+Defaults come from the run: eps from its config.json, data = a fixed mixed-class subset of --n
+examples of its dataset's test split (data.fixed_subset: the files are class-sorted). Results
+go to --out (default RUN/eval/) as eval.json and eval.csv. An earlier evaluation is never
+overwritten silently: if eval.json or eval.csv exists there, the next free name eval-2,
+eval-3, ... is used, unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain.autoattack import VERSIONS
-from fosctrain.data import load_dataset
+from fosctrain.data import fixed_subset, load_dataset
 from fosctrain.errors import UserError
 from fosctrain.evaluate import (
     ATTACK_NAMES,
@@ -100,14 +101,15 @@ def load_target(target: str, which: str, device: torch.device) -> tuple[LoadedMo
 
 
 def test_data(config: dict, dataset: str | None, data_dir: str | None, n: int) -> tuple:
-    """The first n examples of the test split of the run's (or the given) dataset."""
+    """A fixed mixed-class subset of n examples (all, for n >= its size) of the test split of
+    the run's (or the given) dataset: the first n of a class-sorted file would be one class."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"--n must be a positive integer, got {n!r}")
     name = dataset or config.get("dataset")
     if not name:
         raise UserError("the run's config names no dataset; give --dataset")
     ds = load_dataset(name, data_dir if data_dir is not None else config.get("data_dir"))
-    return ds.x_test[:n], ds.y_test[:n]
+    return fixed_subset(ds.x_test, ds.y_test, n)
 
 
 def default_eps(config: dict, given: list[float] | None) -> list[float]:

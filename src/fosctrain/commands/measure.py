@@ -1,10 +1,10 @@
 """`fosc measure CHECKPOINT_OR_RUN`: FOSC, attack loss and accuracy at every PGD step on test
 examples (the paper's convergence analysis).
 
-Defaults come from the run: eps and norm from its config.json, data = the first --n examples
-of its test split; alpha defaults to eps / 4 (the paper's setting). Writes measure.csv and
-measure.png into --out (default RUN/measure/); an earlier measurement there is never
-overwritten silently (the next free name measure-2, ... is used) unless --overwrite.
+Defaults come from the run: eps and norm from its config.json, data = a fixed mixed-class
+subset of --n examples of its test split; alpha defaults to eps / 4 (the paper's setting).
+Writes measure.csv and measure.png into --out (default RUN/measure/); an earlier measurement
+there is never overwritten silently (the next free name measure-2, ... is used) unless --overwrite.
 """
 
 from __future__ import annotations

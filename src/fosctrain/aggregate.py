@@ -1,0 +1,206 @@
+"""Tables and figures of a `fosc reproduce` directory: OUT/results.csv (one row per run),
+OUT/summary.csv and OUT/summary.md (per configuration: mean, sample std and 95% Student-t
+interval over seeds) and the experiment's figures.
+
+The numbers come from each run's summary.json (training) and eval/eval.json (the final report);
+`run_numbers` is the one place that knows their layout, and reads them defensively: a key a run
+does not have is left empty, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fosctrain.files import atomic_write_text
+from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
+
+ACCURACIES = ("clean", "fgsm", "pgd", "cw", "autoattack")
+LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "C&W-inf",
+          "autoattack": "AutoAttack", "grad_evals": "grad evals", "train_time_s": "train s",
+          "eval_time_s": "eval s"}  # fmt: skip
+METRICS = (*ACCURACIES, "grad_evals", "train_time_s", "eval_time_s")
+RUN_COLUMNS = ("config", "seed", "status", *METRICS, "attack_grad_evals", "epochs", "run_dir")
+SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high")
+
+# Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the Cornish-Fisher expansion)
+T975 = (12.706204736174698, 4.302652729749464, 3.182446305284263, 2.7764451051977934,
+        2.570581835636314, 2.4469118511449692, 2.3646242515927844, 2.306004135204166,
+        2.2621571628540993, 2.2281388519649385, 2.200985160082949, 2.1788128296634177,
+        2.1603686564610127, 2.1447866879169273, 2.131449545559323, 2.1199052992210112,
+        2.1098155778331806, 2.10092204024096, 2.093024054408263, 2.0859634472658364,
+        2.079613844727662, 2.0738730679040147, 2.068657610419041, 2.0638985616280205,
+        2.059538552753294, 2.055529438642871, 2.0518305164802833, 2.048407141795244,
+        2.0452296421327034, 2.0422724563012373)  # fmt: skip
+Z975 = 1.959963984540054
+
+
+def t_quantile(df: int) -> float:
+    """t_{0.975} with df degrees of freedom."""
+    if df <= len(T975):
+        return T975[df - 1]
+    z = Z975
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+def mean_interval(values: list[float]) -> dict[str, float]:
+    """Mean, sample std (ddof 1) and the 95% t-interval of the mean; NaN where undefined."""
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    n = len(vals)
+    nan = math.nan
+    if n == 0:
+        return {"n": 0, "mean": nan, "std": nan, "ci_low": nan, "ci_high": nan}
+    mean = sum(vals) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": nan, "ci_low": nan, "ci_high": nan}
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = t_quantile(n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _acc(entry: Any) -> float:
+    value = entry.get("acc") if isinstance(entry, dict) else None
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def eval_numbers(path: Path) -> dict[str, float]:
+    """Accuracies and time of an eval.json (its first eps): clean and every attack."""
+    report = _read_json(path)
+    results = report.get("results") or [{}]
+    first = results[0] if isinstance(results[0], dict) else {}
+    attacks = first.get("attacks") if isinstance(first.get("attacks"), dict) else {}
+    out = {"clean": _acc(first.get("clean")), **{k: _acc(v) for k, v in attacks.items()}}
+    out["time_s"] = report.get("time_s", math.nan)
+    return out
+
+
+def run_numbers(run_dir: Path) -> dict[str, Any]:
+    """The numbers of one run: final-report accuracies, grad evals, wall-clock."""
+    summary = _read_json(run_dir / "summary.json")
+    main = eval_numbers(run_dir / EVAL_DIR / "eval.json")
+    row: dict[str, Any] = {k: main.get(k, math.nan) for k in ACCURACIES}
+    eval_time = main.get("time_s", math.nan)
+    if (run_dir / AUTOATTACK_DIR / "eval.json").is_file():
+        aa = eval_numbers(run_dir / AUTOATTACK_DIR / "eval.json")
+        row["autoattack"] = aa.get("autoattack", math.nan)
+        eval_time += aa.get("time_s", math.nan)
+    row["eval_time_s"] = eval_time
+    row["grad_evals"] = summary.get("grad_evals", math.nan)
+    row["attack_grad_evals"] = summary.get("attack_grad_evals", math.nan)
+    row["train_time_s"] = summary.get("time_s", math.nan)
+    row["epochs"] = summary.get("epochs", math.nan)
+    return row
+
+
+def collect(plan: Plan) -> list[dict[str, Any]]:
+    """One row per planned run; unfinished runs are listed with their status and no numbers."""
+    rows = []
+    for run in plan.runs:
+        state = status(run)
+        numbers = run_numbers(run.dir) if state == "finished" else {}
+        row = {"config": run.config_name, "seed": run.seed, "status": state}
+        row.update({k: numbers.get(k, math.nan) for k in RUN_COLUMNS if k not in row})
+        row["run_dir"] = str(run.dir)
+        rows.append(row)
+    return rows
+
+
+def summarize(plan: Plan, rows: list[dict]) -> list[dict[str, Any]]:
+    """Per configuration (in the experiment's order): seeds finished and each metric's stats."""
+    out = []
+    for name in plan.experiment.configs:
+        mine = [r for r in rows if r["config"] == name and r["status"] == "finished"]
+        entry: dict[str, Any] = {"config": name, "seeds": len(mine)}
+        for metric in METRICS:
+            stats = mean_interval([r[metric] for r in mine])
+            entry.update({f"{metric}_{s}": stats[s] for s in SUMMARY_STATS})
+        out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def csv_text(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:
+    lines = [",".join(columns)]
+    lines += [",".join(_cell(r.get(c, "")) for c in columns) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summary_columns() -> list[str]:
+    return ["config", "seeds", *(f"{m}_{s}" for m in METRICS for s in SUMMARY_STATS)]
+
+
+def _md_value(entry: dict, metric: str) -> str:
+    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
+    lo, hi = entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]
+    if math.isnan(mean):
+        return "–"
+    if metric in ACCURACIES:
+        text = f"{100 * mean:.1f}"
+        if not math.isnan(std):
+            text += f" ± {100 * std:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+        return text
+    return f"{mean:,.0f}" if metric == "grad_evals" else f"{mean:.0f}"
+
+
+def summary_markdown(plan: Plan, summary: list[dict]) -> str:
+    """A markdown table: accuracy % as mean ± std [95% t-interval] over seeds."""
+    shown = [m for m in METRICS if any(not math.isnan(e[f"{m}_mean"]) for e in summary)]
+    exp, scale = plan.experiment, plan.scale
+    lines = [
+        f"# {exp.name} at scale {scale.name}",
+        "",
+        f"{exp.description}. Scale: {scale.description}. Final report on a fixed subset of "
+        f"{plan.spec.n} test examples"
+        + (f" (AutoAttack: {plan.spec.autoattack_n})" if plan.spec.autoattack_n else "")
+        + ", last checkpoint; accuracy in % as mean ± sample std [95% t-interval] over seeds; "
+        "grad evals and seconds are means.",
+        "",
+        "| configuration | seeds | " + " | ".join(LABELS[m] for m in shown) + " |",
+        "|---|---:|" + "---:|" * len(shown),
+    ]
+    for e in summary:
+        cells = [e["config"], str(e["seeds"]), *(_md_value(e, m) for m in shown)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(plan: Plan) -> tuple[list[dict], list[dict]]:
+    """results.csv, summary.csv and summary.md into OUT; returns (rows, summary)."""
+    rows = collect(plan)
+    summary = summarize(plan, rows)
+    atomic_write_text(plan.out / "results.csv", csv_text(rows, RUN_COLUMNS))
+    atomic_write_text(plan.out / "summary.csv", csv_text(summary, summary_columns()))
+    atomic_write_text(plan.out / "summary.md", summary_markdown(plan, summary))
+    return rows, summary
+
+
+def measure_paths(plan: Plan, config_name: str) -> list[Path]:
+    return [
+        r.dir / MEASURE_DIR / "measure.csv"
+        for r in plan.runs
+        if r.config_name == config_name and status(r) == "finished"
+    ]

@@ -1,0 +1,135 @@
+"""Figures of a `fosc reproduce` directory (PNG, Agg, atomic writes via fosctrain.plots):
+
+    frontier            robust accuracy (PGD-20, AutoAttack) against gradient evaluations
+    fosc-vs-steps       FOSC (mean, p10-p90) against PGD steps, one line per configuration
+    fosc-over-training  FOSC of the training examples per epoch (madry vs dat), and bars
+    bars                accuracy per configuration (clean, PGD-20, C&W-inf)
+
+Error bars are 95% t-intervals over seeds (none with one seed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fosctrain.aggregate import ACCURACIES, LABELS, measure_paths
+from fosctrain.errors import UserError
+from fosctrain.measure import MeasureResult
+from fosctrain.plots import _figure, _legend, _style, read_metrics, save_figure
+from fosctrain.reproduce import Plan, status
+
+
+def _half(entry: dict, metric: str) -> float:
+    lo, hi = entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]
+    return 0.0 if math.isnan(lo) else (hi - lo) / 2
+
+
+def plot_frontier(summary: list[dict], path: Path) -> Path:
+    fig = _figure(8, 5.5)
+    ax = fig.subplots()
+    for i, (metric, marker) in enumerate((("pgd", "o"), ("autoattack", "s"))):
+        pts = [e for e in summary if not math.isnan(e[f"{metric}_mean"])]
+        if not pts:
+            continue
+        ax.errorbar(
+            [e["grad_evals_mean"] for e in pts],
+            [100 * e[f"{metric}_mean"] for e in pts],
+            xerr=[_half(e, "grad_evals") for e in pts],
+            yerr=[100 * _half(e, metric) for e in pts],
+            fmt=marker,
+            color=f"C{i}",
+            capsize=3,
+            label=LABELS[metric],
+        )
+        if metric == "pgd":
+            for e in pts:
+                ax.annotate(
+                    e["config"],
+                    (e["grad_evals_mean"], 100 * e["pgd_mean"]),
+                    fontsize="x-small",
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+    ax.set_xscale("log")
+    _style(ax, "Robustness against training compute", "gradient evaluations", "accuracy (%)")
+    _legend(ax)
+    return save_figure(fig, path)
+
+
+def plot_bars(summary: list[dict], path: Path, metrics=("clean", "pgd", "cw")) -> Path:
+    fig = _figure(max(6, 1.2 * len(summary) + 2), 5)
+    ax = fig.subplots()
+    width = 0.8 / len(metrics)
+    for j, metric in enumerate(metrics):
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(summary))]
+        ys = [100 * e[f"{metric}_mean"] for e in summary]
+        err = [100 * _half(e, metric) for e in summary]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, color=f"C{j}", label=LABELS[metric])
+    ax.set_xticks(range(len(summary)), [e["config"] for e in summary], rotation=30, ha="right")
+    _style(ax, "Accuracy per configuration (95% t-intervals over seeds)", "", "accuracy (%)")
+    _legend(ax)
+    return save_figure(fig, path)
+
+
+def _mean_rows(results: list[MeasureResult], key: str) -> list[float]:
+    columns = [getattr(r, key) for r in results]
+    length = min(len(c) for c in columns)
+    return [sum(c[i] for c in columns) / len(columns) for i in range(length)]
+
+
+def plot_fosc_vs_steps(plan: Plan, path: Path) -> Path:
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    for i, name in enumerate(plan.experiment.configs):
+        results = [MeasureResult.from_csv(p) for p in measure_paths(plan, name)]
+        if not results:
+            continue
+        steps = list(range(len(_mean_rows(results, "fosc_mean"))))
+        lo, hi = _mean_rows(results, "fosc_p10"), _mean_rows(results, "fosc_p90")
+        ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.2)
+        ax.plot(steps, _mean_rows(results, "fosc_mean"), color=f"C{i}", lw=2, label=f"{name} mean")
+        ax.plot(steps, _mean_rows(results, "fosc_median"), color=f"C{i}", ls=":", label="median")
+    _style(ax, "FOSC of PGD examples on test data (band: p10-p90)", "PGD step", "FOSC")
+    _legend(ax)
+    return save_figure(fig, path)
+
+
+def plot_fosc_over_training(plan: Plan, path: Path, configs=("madry", "dat")) -> Path:
+    fig = _figure(8, 5)
+    ax = fig.subplots()
+    for i, name in enumerate(configs):
+        for run in plan.runs:
+            if run.config_name != name or status(run) != "finished":
+                continue
+            try:
+                rows = read_metrics(run.dir)
+            except UserError:
+                continue
+            epochs = [r["epoch"] for r in rows]
+            label = name if run.seed == 0 else None
+            ax.plot(epochs, [r["fosc_mean"] for r in rows], color=f"C{i}", marker=".", label=label)
+            if name == "dat":
+                targets = [r["fosc_target"] for r in rows]
+                ax.plot(epochs, targets, color=f"C{i}", ls="--", lw=1, label=label and "DAT target")
+    _style(ax, "Mean FOSC of the training examples", "epoch", "FOSC")
+    _legend(ax)
+    return save_figure(fig, path)
+
+
+def write_figures(plan: Plan, summary: list[dict]) -> list[Path]:
+    """The experiment's figures into OUT; none while no run has finished."""
+    if not any(e["seeds"] for e in summary):
+        return []
+    out, kind = plan.out, plan.experiment.figure
+    if kind == "frontier":
+        return [plot_frontier(summary, out / "frontier.png"), plot_bars(summary, out / "bars.png")]
+    if kind == "fosc-vs-steps":
+        return [plot_fosc_vs_steps(plan, out / "fosc_vs_steps.png")]
+    if kind == "fosc-over-training":
+        shown = tuple(m for m in ACCURACIES if any(not math.isnan(e[f"{m}_mean"]) for e in summary))
+        return [
+            plot_fosc_over_training(plan, out / "fosc_over_training.png"),
+            plot_bars(summary, out / "bars.png", shown),
+        ]
+    return [plot_bars(summary, out / "bars.png")]

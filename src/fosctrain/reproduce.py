@@ -1,0 +1,324 @@
+"""`fosc reproduce`: run one experiment of fosctrain.experiments at a scale, resumably.
+
+Every configuration x seed is a run directory OUT/runs/NAME-sSEED: trained by
+fosctrain.train.train, then evaluated on a fixed subset of the test split (the final report)
+into RUN/eval/, with AutoAttack into RUN/eval-autoattack/ and FOSC against PGD steps into
+RUN/measure/ where the experiment asks for them. The last checkpoint is evaluated: the `best`
+one is picked by test accuracy during training, so it would not be an honest test number.
+
+A run with summary.json and every evaluation present is finished and skipped; one with a
+config.json resumes where it stopped. `--jobs N` trains N runs at a time in spawned processes,
+each on --threads torch threads (default one). `--print-commands` prints the same work as
+`fosc train` / `fosc eval` (/ `fosc measure`) command lines for a cluster's scheduler; a later
+`fosc reproduce` with the same arguments finds those runs finished and only aggregates
+(fosctrain.aggregate).
+
+OUT/experiment.json names the experiment and scale, so that one directory never mixes two.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fosctrain.config import Config, resolve
+from fosctrain.errors import UserError
+from fosctrain.experiments import (
+    Experiment,
+    Scale,
+    default_seeds,
+    get_experiment,
+    get_scale,
+    overrides,
+)
+from fosctrain.files import atomic_write_json
+
+MANIFEST = "experiment.json"
+EVAL_DIR, AUTOATTACK_DIR, MEASURE_DIR = "eval", "eval-autoattack", "measure"
+EVAL_SEED = 0
+PGD_STEPS, CW_STEPS = 20, 30  # the evaluation's attacks (fosc eval's defaults)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What each run gets after training (each on a fixed subset of N test examples)."""
+
+    n: int
+    checks: bool
+    autoattack_n: int  # 0: no AutoAttack
+    measure_n: int  # 0: no FOSC-vs-steps measurement
+    measure_steps: int
+
+    def outputs(self) -> list[str]:
+        """The files (relative to the run) a finished run holds."""
+        files = ["summary.json", f"{EVAL_DIR}/eval.json"]
+        files += [f"{AUTOATTACK_DIR}/eval.json"] if self.autoattack_n else []
+        return files + ([f"{MEASURE_DIR}/measure.csv"] if self.measure_n else [])
+
+
+@dataclass(frozen=True)
+class Run:
+    config_name: str
+    seed: int
+    overrides: dict[str, Any]
+    dir: Path
+    spec: EvalSpec
+
+    @property
+    def name(self) -> str:
+        return f"{self.config_name}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    experiment: Experiment
+    scale: Scale
+    out: Path
+    runs: list[Run]
+    spec: EvalSpec
+
+    def config(self, run: Run, threads: int | None = None) -> Config:
+        extra = {} if threads is None else {"threads": threads}
+        return resolve(self.scale.preset, None, {**run.overrides, **extra})
+
+
+def make_plan(
+    experiment: str,
+    scale: str,
+    out: str | Path | None = None,
+    seeds: int | None = None,
+    data_dir: str | None = None,
+) -> Plan:
+    """Every configuration x seed of `experiment` at `scale`, each resolved and validated."""
+    exp, sc = get_experiment(experiment), get_scale(scale)
+    n_seeds = default_seeds(exp, sc) if seeds is None else seeds
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
+        raise UserError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    out = Path(out) if out is not None else Path("reproduce") / f"{exp.name}-{sc.name}"
+    extra = {"data_dir": data_dir} if data_dir is not None else {}
+    spec = EvalSpec(
+        n=sc.eval_n,
+        checks=sc.checks,
+        autoattack_n=sc.autoattack_n if exp.autoattack else 0,
+        measure_n=sc.measure_n if exp.measure else 0,
+        measure_steps=sc.measure_steps,
+    )
+    no_autoattack = dataclasses.replace(spec, autoattack_n=0)
+    runs = []
+    for config_name in exp.configs:
+        for seed in range(n_seeds):
+            values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
+            run_dir = out / "runs" / f"{config_name}-s{seed}"
+            mine = spec if seed < sc.autoattack_seeds else no_autoattack
+            runs.append(Run(config_name, seed, values, run_dir, mine))
+    plan = Plan(exp, sc, out, runs, spec)
+    for run in runs:
+        plan.config(run)  # a bad combination fails here, before any work
+    return plan
+
+
+def claim_out(plan: Plan) -> None:
+    """Record experiment and scale in OUT, or refuse an OUT that holds another experiment's."""
+    path = plan.out / MANIFEST
+    mine = {"experiment": plan.experiment.name, "scale": plan.scale.name}
+    if path.is_file():
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: unreadable ({e}); not a reproduce directory?") from None
+        found = {k: theirs.get(k) for k in mine} if isinstance(theirs, dict) else {}
+        if found != mine:
+            raise UserError(
+                f"{plan.out} holds {found.get('experiment')} at scale {found.get('scale')}, "
+                f"not {mine['experiment']} at {mine['scale']}; choose another --out"
+            )
+        return
+    if plan.out.exists() and any(plan.out.iterdir()):
+        raise UserError(f"{plan.out} is not empty and holds no {MANIFEST}; choose another --out")
+    atomic_write_json(path, mine)
+
+
+def status(run: Run) -> str:
+    """finished (every output present), partial (started) or todo."""
+    if all((run.dir / f).is_file() for f in run.spec.outputs()):
+        return "finished"
+    return "partial" if (run.dir / "config.json").is_file() else "todo"
+
+
+# ---------------------------------------------------------------- one run
+
+
+def execute(config: Config, run_dir: Path, spec: EvalSpec) -> None:
+    """Train (or resume, or skip if trained) one run, then whatever evaluation it lacks."""
+    from fosctrain.train import train
+
+    if not (run_dir / "summary.json").is_file():
+        started = (run_dir / "config.json").is_file()
+        train(config, run_dir, resume=started, overwrite=not started, progress=False)
+    if not (run_dir / EVAL_DIR / "eval.json").is_file():
+        evaluate_run(run_dir, spec.n, autoattack=False, checks=spec.checks, out=EVAL_DIR)
+    if spec.autoattack_n and not (run_dir / AUTOATTACK_DIR / "eval.json").is_file():
+        evaluate_run(run_dir, spec.autoattack_n, autoattack=True, checks=False, out=AUTOATTACK_DIR)
+    if spec.measure_n and not (run_dir / MEASURE_DIR / "measure.csv").is_file():
+        measure_run(run_dir, spec.measure_n, spec.measure_steps)
+
+
+def _test_split(config: dict, n: int):
+    """The n test examples `fosc eval --n` takes (a fixed mixed-class subset)."""
+    from fosctrain.data import fixed_subset, load_dataset
+
+    data = load_dataset(config["dataset"], config.get("data_dir"))
+    return fixed_subset(data.x_test, data.y_test, n)
+
+
+def evaluate_run(run_dir: Path, n: int, *, autoattack: bool, checks: bool, out: str) -> None:
+    """The final report of a run's last checkpoint on n test examples, written as
+    `fosc eval RUN --which last` would (see eval_argv). The one call into evaluate()."""
+    from fosctrain.evaluate import ATTACK_NAMES, evaluate, write_report
+    from fosctrain.runs import load_model
+
+    loaded = load_model(run_dir, which="last")
+    x, y = _test_split(loaded.config, n)
+    report = evaluate(
+        loaded.model,
+        x,
+        y,
+        eps_list=[loaded.config["eps"]],
+        attacks=("pgd",) if autoattack else ATTACK_NAMES,
+        pgd_steps=PGD_STEPS,
+        cw_steps=CW_STEPS,
+        norm=loaded.config.get("norm", "linf"),
+        seed=EVAL_SEED,
+        autoattack=autoattack,
+        checks=checks,
+        progress=False,
+    )
+    report.meta = {"checkpoint": str(loaded.source), "split": "test", "n": int(x.shape[0])}
+    write_report(report, run_dir / out, "eval")
+
+
+def measure_run(run_dir: Path, n: int, steps: int) -> None:
+    """FOSC against PGD steps on n test examples (as `fosc measure RUN`)."""
+    from fosctrain.measure import measure_convergence, write_measure
+    from fosctrain.runs import load_model
+
+    loaded = load_model(run_dir, which="last")
+    x, y = _test_split(loaded.config, n)
+    result = measure_convergence(
+        loaded.model,
+        x,
+        y,
+        eps=loaded.config["eps"],
+        steps=steps,
+        norm=loaded.config.get("norm", "linf"),
+        seed=EVAL_SEED,
+    )
+    write_measure(result, run_dir / MEASURE_DIR)
+
+
+def _job(config: Config, run_dir: Path, spec: EvalSpec) -> None:
+    """One run in a worker process, on config.threads torch threads (training and evaluation)."""
+    torch.set_num_threads(config.threads or 1)
+    execute(config, run_dir, spec)
+
+
+# ---------------------------------------------------------------- all runs
+
+
+def run_plan(plan: Plan, jobs: int = 1, threads: int = 1, log=print) -> dict[str, str]:
+    """Run every unfinished run, `jobs` at a time on `threads` torch threads each; returns
+    {run name: error} for failures. A UserError (bad data, a non-finite loss) fails its run
+    only; the others go on."""
+    for name, value in (("--jobs", jobs), ("--threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+    claim_out(plan)
+    todo = [r for r in plan.runs if status(r) != "finished"]
+    log(
+        f"{plan.experiment.name} at {plan.scale.name}: {len(plan.runs) - len(todo)} of "
+        f"{len(plan.runs)} runs finished, {len(todo)} to run -> {plan.out}"
+    )
+    failures: dict[str, str] = {}
+    if jobs == 1:
+        before = torch.get_num_threads()
+        try:
+            for i, run in enumerate(todo, 1):
+                log(f"[{i}/{len(todo)}] {run.name}")
+                try:
+                    _job(plan.config(run, threads), run.dir, run.spec)
+                except UserError as e:
+                    failures[run.name] = str(e)
+        finally:
+            torch.set_num_threads(before)
+        return failures
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_job, plan.config(run, threads), run.dir, run.spec): run for run in todo
+        }
+        for i, future in enumerate(cf.as_completed(futures), 1):
+            run = futures[future]
+            try:
+                future.result()
+                log(f"[{i}/{len(todo)}] {run.name} done")
+            except UserError as e:
+                failures[run.name] = str(e)
+    return failures
+
+
+# ---------------------------------------------------------------- command lines
+
+
+def train_argv(plan: Plan, run: Run) -> list[str]:
+    """`fosc train` arguments that train `run` into its directory (or resume it where it
+    stopped), one torch thread; none for a trained run."""
+    from fosctrain.commands.train import to_flags
+
+    if (run.dir / "summary.json").is_file():
+        return []
+    if (run.dir / "config.json").is_file():
+        return ["fosc", "train", "--resume", str(run.dir), "--no-progress"]
+    argv = ["fosc", "train", "--runs-dir", str(run.dir.parent), "--name", run.dir.name]
+    argv += ["--preset", plan.scale.preset] if plan.scale.preset else []
+    return argv + ["--no-progress", *to_flags({**run.overrides, "threads": 1})]
+
+
+def eval_argv(run: Run, n: int, autoattack: bool, checks: bool, out: str) -> list[str]:
+    """`fosc eval` arguments that write what evaluate_run writes."""
+    argv = ["fosc", "eval", str(run.dir), "--which", "last", "--n", str(n)]
+    argv += ["--seed", str(EVAL_SEED), "--pgd-steps", str(PGD_STEPS), "--cw-steps", str(CW_STEPS)]
+    argv += ["--attacks", "pgd", "--autoattack"] if autoattack else []
+    argv += [] if checks else ["--no-checks"]
+    return argv + ["--out", str(run.dir / out), "--overwrite", "--no-progress"]
+
+
+def measure_argv(run: Run, n: int, steps: int) -> list[str]:
+    return ["fosc", "measure", str(run.dir), "--which", "last", "--n", str(n),
+            "--steps", str(steps), "--seed", str(EVAL_SEED), "--out", str(run.dir / MEASURE_DIR),
+            "--overwrite"]  # fmt: skip
+
+
+def commands(plan: Plan) -> list[str]:
+    """One line per unfinished run: the train, eval (AutoAttack, measure) commands it still
+    needs, joined by &&."""
+    lines = []
+    for run in plan.runs:
+        spec, have = run.spec, {p for p in run.spec.outputs() if (run.dir / p).is_file()}
+        steps = [train_argv(plan, run)]
+        if f"{EVAL_DIR}/eval.json" not in have:
+            steps.append(eval_argv(run, spec.n, False, spec.checks, EVAL_DIR))
+        if spec.autoattack_n and f"{AUTOATTACK_DIR}/eval.json" not in have:
+            steps.append(eval_argv(run, spec.autoattack_n, True, False, AUTOATTACK_DIR))
+        if spec.measure_n and f"{MEASURE_DIR}/measure.csv" not in have:
+            steps.append(measure_argv(run, spec.measure_n, spec.measure_steps))
+        if any(steps):
+            lines.append(" && ".join(shlex.join(s) for s in steps if s))
+    return lines

