@@ -102,6 +102,18 @@ SCALES: dict[str, Scale] = {
             autoattack_seeds=1,
         ),
         Scale(
+            "default",
+            "the defaults of `fosc train` (mnist5k, 20 epochs, Adam, validation slice 500), "
+            "3 seeds, evaluation on all 1,000 test digits, AutoAttack on 100 of them for seed 0",
+            dict(dataset="mnist5k"),
+            seeds=3,
+            eval_n=1000,
+            autoattack_n=100,
+            measure_n=1000,
+            measure_steps=40,
+            autoattack_seeds=1,
+        ),
+        Scale(
             "medium",
             "full MNIST (60,000/10,000), 10 epochs, 2 seeds",
             dict(dataset="mnist", epochs=10, lr_milestones=[8], val_n=500, final_eval_n=1000),

@@ -96,9 +96,16 @@ def make_plan(
     out: str | Path | None = None,
     seeds: int | None = None,
     data_dir: str | None = None,
+    configs: list[str] | None = None,
 ) -> Plan:
-    """Every configuration x seed of `experiment` at `scale`, each resolved and validated."""
+    """Every configuration x seed of `experiment` at `scale` (or only `configs` of them), each
+    resolved and validated."""
     exp, sc = get_experiment(experiment), get_scale(scale)
+    unknown = sorted(set(configs or ()) - set(exp.configs))
+    if unknown:
+        raise UserError(
+            f"{exp.name} has no configuration {', '.join(unknown)}; it has {', '.join(exp.configs)}"
+        )
     n_seeds = default_seeds(exp, sc) if seeds is None else seeds
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or n_seeds < 1:
         raise UserError(f"--seeds must be an integer >= 1, got {seeds!r}")
@@ -113,7 +120,7 @@ def make_plan(
     )
     no_autoattack = dataclasses.replace(spec, autoattack_n=0)
     runs = []
-    for config_name in exp.configs:
+    for config_name in configs or exp.configs:
         for seed in range(n_seeds):
             values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
             run_dir = out / "runs" / f"{config_name}-s{seed}"

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", default="small", help=f"one of: {', '.join(SCALES)} (default small)")
     p.add_argument("--out", help="output directory (default reproduce/EXPERIMENT-SCALE)")
     p.add_argument("--seeds", type=int, help="seeds per configuration (default: the scale's)")
+    p.add_argument(
+        "--configs", nargs="+", metavar="NAME", help="only these configurations (default: all)"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--data-dir", help="dataset files (cifar10; mnist idx files)")
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     # a dry run reads no data: a placeholder lets it plan a scale whose dataset needs --data-dir
     data_dir = args.data_dir or (DRY_RUN_DATA_DIR if args.dry_run else None)
-    plan = make_plan(args.experiment, args.scale, args.out, args.seeds, data_dir)
+    plan = make_plan(args.experiment, args.scale, args.out, args.seeds, data_dir, args.configs)
     if args.dry_run:
         print(describe_plan(plan, args.jobs))
         return 0
