@@ -1,0 +1,21 @@
+"""The one device picker of training and of the verbs that load a trained model."""
+
+from __future__ import annotations
+
+import torch
+
+from fosctrain.errors import UserError
+
+
+def select_device(name: str | None = "auto") -> torch.device:
+    """The named torch device; "auto" (or None) is cuda when available, else cpu. UserError
+    for a name torch does not know or a CUDA device on a machine without CUDA."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available")
+    return device
