@@ -87,7 +87,7 @@ def load_target(target: str, which: str, device: torch.device) -> tuple[LoadedMo
     return load_model(ckpt, which=which, config=config, device=device), run_dir
 
 
-def test_examples(config: dict, dataset: str | None, data_dir: str | None, n: int) -> tuple:
+def load_test_examples(config: dict, dataset: str | None, data_dir: str | None, n: int) -> tuple:
     """The first n examples of the test split of the run's (or the given) dataset."""
     check_positive("--n", n, integer=True)
     name = dataset or config.get("dataset")
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     config = loaded.config
     norm = config.get("norm", "linf")
     attacks = args.attacks or (ATTACK_NAMES if norm == "linf" else L2_ATTACKS)
-    x, y = test_examples(config, args.dataset, args.data_dir, args.n)
+    x, y = load_test_examples(config, args.dataset, args.data_dir, args.n)
     source = _source_model(args.source, args.which, device)
     report = evaluate(
         loaded.model,

@@ -17,7 +17,7 @@ from fosctrain.commands.eval import (
     default_eps,
     free_stem,
     load_target,
-    test_examples,
+    load_test_examples,
 )
 from fosctrain.device import select_device
 from fosctrain.errors import UserError
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     eps = default_eps(config, None if args.eps is None else [args.eps])
     if len(eps) != 1:
         raise UserError("the run's config has several eps; give one with --eps")
-    x, y = test_examples(config, args.dataset, args.data_dir, args.n)
+    x, y = load_test_examples(config, args.dataset, args.data_dir, args.n)
     result = measure_convergence(
         loaded.model,
         x,
