@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fosctrain.errors import UserError, check_positive
-from fosctrain.threat import NORMS, eval_step_size, train_step_size
+from fosctrain.threat import NORMS, eval_step_size, train_step_size, validate_eps
 
 # the training methods' names, stated once; fosctrain.methods registers a class under each
 METHODS = ("natural", "madry", "cat", "dat", "fat", "trades", "fast")
@@ -256,8 +256,7 @@ def validate(c: Config) -> None:
     check_positive("seed", c.seed, integer=True, zero_ok=True)
     for name in ("fat_tau", "fat_tau_max"):
         check_positive(name, getattr(c, name), integer=True, zero_ok=True)
-    if c.norm == "linf" and c.eps > 1:
-        raise UserError(f"eps must be <= 1 for L-inf on [0,1] images, got {c.eps}")
+    validate_eps([c.eps], c.norm)
     if c.fosc_box and c.norm != "linf":
         raise UserError("--fosc-box is the L-inf box-exact FOSC; it cannot be used with --norm l2")
     for name in ("alpha", "fast_alpha", "eval_alpha", "t_prime", "threads"):
