@@ -112,6 +112,23 @@ def build_suite(
     ]
 
 
+def suite_settings(
+    version: str, components: list[Component], eps: float, norm: str, seed: int
+) -> dict:
+    """The suite's settings as the report stores and prints them."""
+    return {
+        "name": "AutoAttack",
+        "version": version,
+        "label": LABELS[version],
+        "alpha": "per component",
+        "components": [c.settings for c in components],
+        "eps": eps,
+        "norm": norm,
+        "seed": seed,
+        "library": "torchattacks (components; suite assembled by fosctrain.autoattack)",
+    }
+
+
 def run_suite(
     model: nn.Module,
     components: list[Component],

@@ -353,17 +353,7 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, eps: float) -> None:
     for comp in suite:
         stage, settings = stages[comp.name], {**comp.settings, "cumulative": True}
         tally.record(f"{label}/{comp.name}", stage.robust, settings, stage.seconds)
-    settings = {
-        "name": "AutoAttack",
-        "version": version,
-        "label": label,
-        "alpha": "per component",
-        "components": [c.settings for c in suite],
-        "eps": eps,
-        "norm": cfg.norm,
-        "seed": cfg.seed,
-        "library": "torchattacks (components; suite assembled by fosctrain.autoattack)",
-    }
+    settings = aa.suite_settings(version, suite, eps, cfg.norm, cfg.seed)
     total = sum(stage.seconds for stage in stages.values())
     tally.record(label, stages[suite[-1].name].robust, settings, total)
 
