@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fosctrain.device import model_device
 from fosctrain.errors import UserError
 
 STEPS = 100
@@ -141,7 +142,7 @@ def run_suite(
     """Cumulative per-example robustness after each component, starting from `robust` (the
     clean-correct mask): a component attacks only the examples still robust, batch by batch
     (`on_batch(name)` after every batch, for progress)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     robust = robust.clone()
     out = {}
     for comp in components:

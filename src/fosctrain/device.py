@@ -1,4 +1,5 @@
-"""The one device picker of training and of the verbs that load a trained model."""
+"""Devices: the one picker of training and of the verbs that load a trained model, and where
+a model lives."""
 
 from __future__ import annotations
 
@@ -19,3 +20,9 @@ def select_device(name: str | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters live (cpu for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

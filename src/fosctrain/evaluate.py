@@ -52,6 +52,7 @@ from tqdm import tqdm
 from fosctrain import autoattack as aa
 from fosctrain import masking
 from fosctrain.attacks import FGSM, FGSMRS, PGD, PGDL2, AttackResult, CWInf, attack_mode
+from fosctrain.device import model_device
 from fosctrain.errors import UserError, check_positive
 from fosctrain.fosc import fosc_stats, point_fosc
 from fosctrain.intervals import Accuracy, wilson_interval
@@ -137,18 +138,13 @@ def _generator(seed: int, *keys: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(tag))
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _spans(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Per-example correctness of the model's prediction (no autograd), on the CPU."""
-    dev = _device(model)
+    dev = model_device(model)
     with torch.no_grad():
         return (model(x.to(dev)).argmax(1) == y.to(dev)).cpu()
 
@@ -223,7 +219,7 @@ def _run(
     model's correctness at the adversarial points; with `probe_box` set (True: box-aware),
     also FOSC at the start and final points (two extra gradient passes)."""
     source = craft_on if craft_on is not None else model
-    dev = _device(source)
+    dev = model_device(source)
     correct, probes = [], []
     for span in _spans(x.shape[0], batch_size):
         xb, yb = x[span].to(dev), y[span].to(dev)
@@ -564,7 +560,7 @@ def _progress_total(
 def _n_classes(model: nn.Module, x: Tensor) -> int:
     """The model's number of outputs (one forward pass on one example)."""
     with attack_mode(model), torch.no_grad():
-        return int(model(x[:1].to(_device(model))).shape[1])
+        return int(model(x[:1].to(model_device(model))).shape[1])
 
 
 def _maybe_attack_mode(model: nn.Module | None) -> contextlib.AbstractContextManager:

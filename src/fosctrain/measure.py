@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain.attacks.engine import run_attack, validate
+from fosctrain.device import model_device
 from fosctrain.errors import UserError, check_positive
 from fosctrain.files import atomic_write_text
 from fosctrain.fosc import fosc_stats
@@ -105,7 +106,7 @@ def measure_convergence(
     if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
         raise UserError(f"need matching, non-empty x and y, got {x.shape[0]} and {y.shape[0]}")
     generator = torch.Generator().manual_seed(seed)
-    dev = _device(model)
+    dev = model_device(model)
     parts = []
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
@@ -128,11 +129,6 @@ def measure_convergence(
         "batch_size": batch_size,
     }
     return _summarize(fos, losses, correct, settings)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _trace_batch(
