@@ -14,7 +14,6 @@ machine may be shared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,8 +31,9 @@ def run(flags: list[str], runs_dir: Path, name: str, common: list[str]) -> tuple
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (runs_dir / name / "metrics.jsonl").open()]
-    return rows[-1]["epoch_time_s"], wall
+    from fosctrain.logs import read_metrics
+
+    return read_metrics(runs_dir / name)[-1]["epoch_time_s"], wall
 
 
 def model_floats(model: str) -> int:

@@ -18,15 +18,15 @@ from fosctrain import checkpoint as ck
 from fosctrain.checkpoint import (
     CheckpointError,
     ConfigMismatchError,
-    config_hash,
     file_sha256,
     load_checkpoint,
     load_latest_valid,
-    load_weights,
     restore,
     save_checkpoint,
 )
+from fosctrain.config import config_hash
 from fosctrain.errors import UserError
+from fosctrain.weights import load_weights
 
 
 class Opaque:
@@ -52,11 +52,7 @@ def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.99))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer):
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2, 4], gamma=0.5)
-
-
-def train_steps(model, optimizer, scheduler, steps: int) -> None:
+def train_steps(model, optimizer, steps: int) -> None:
     """A few steps that draw their data from the global torch RNG (so RNG state matters)."""
     model.train()
     for _ in range(steps):
@@ -65,16 +61,14 @@ def train_steps(model, optimizer, scheduler, steps: int) -> None:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-        scheduler.step()
 
 
 def setup(kind: str = "sgd", steps: int = 3):
     torch.manual_seed(0)
     model = make_model()
     optimizer = make_optimizer(kind, model)
-    scheduler = make_scheduler(optimizer)
-    train_steps(model, optimizer, scheduler, steps)
-    return model, optimizer, scheduler
+    train_steps(model, optimizer, steps)
+    return model, optimizer
 
 
 def assert_same(a, b) -> None:
@@ -96,13 +90,12 @@ def assert_same(a, b) -> None:
 
 
 def save(directory, name="last", step=0, **kwargs):
-    model, optimizer, scheduler = kwargs.pop("parts", None) or setup()
+    model, optimizer = kwargs.pop("parts", None) or setup()
     return save_checkpoint(
         directory,
         name,
         model=model,
         optimizer=optimizer,
-        scheduler=scheduler,
         state={"epoch": step, "step": step},
         **kwargs,
     )
@@ -113,7 +106,7 @@ def save(directory, name="last", step=0, **kwargs):
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_round_trip_restores_everything_exactly(tmp_path, kind):
-    model, optimizer, scheduler = setup(kind)
+    model, optimizer = setup(kind)
     gen = torch.Generator().manual_seed(7)
     gen.manual_seed(123)
     random.seed(5)
@@ -133,7 +126,6 @@ def test_round_trip_restores_everything_exactly(tmp_path, kind):
         "last",
         model=model,
         optimizer=optimizer,
-        scheduler=scheduler,
         state=state,
         config_hash="abc123",
     )
@@ -142,14 +134,11 @@ def test_round_trip_restores_everything_exactly(tmp_path, kind):
     torch.manual_seed(99)
     model2 = make_model()
     optimizer2 = make_optimizer(kind, model2)
-    scheduler2 = make_scheduler(optimizer2)
-    restore(loaded, model2, optimizer2, scheduler2)
+    restore(loaded, model2, optimizer2)
 
     assert_same(model.state_dict(), model2.state_dict())
     assert model2[1].num_batches_tracked.item() == 3
     assert_same(optimizer.state_dict(), optimizer2.state_dict())
-    assert_same(scheduler.state_dict(), scheduler2.state_dict())
-    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
 
     got = loaded.state()
     assert got["epoch"] == 3 and got["step"] == 42
@@ -168,25 +157,23 @@ def test_round_trip_restores_everything_exactly(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_continuing_after_restore_is_bit_identical(tmp_path, kind):
-    model, optimizer, scheduler = setup(kind)
+    model, optimizer = setup(kind)
     save_checkpoint(
         tmp_path,
         "last",
         model=model,
         optimizer=optimizer,
-        scheduler=scheduler,
         state={"torch_rng": torch.get_rng_state()},
     )
-    train_steps(model, optimizer, scheduler, 4)
+    train_steps(model, optimizer, 4)
 
     loaded = load_checkpoint(tmp_path, "last")
     torch.manual_seed(1234)
     model2 = make_model()
     optimizer2 = make_optimizer(kind, model2)
-    scheduler2 = make_scheduler(optimizer2)
-    restore(loaded, model2, optimizer2, scheduler2)
+    restore(loaded, model2, optimizer2)
     torch.set_rng_state(loaded.state()["torch_rng"])
-    train_steps(model2, optimizer2, scheduler2, 4)
+    train_steps(model2, optimizer2, 4)
 
     assert_same(model.state_dict(), model2.state_dict())
     assert_same(optimizer.state_dict(), optimizer2.state_dict())
@@ -211,7 +198,7 @@ def test_files_are_safetensors_and_json_never_pickle(tmp_path):
     assert sorted(meta["tensor_keys"]) == sorted(keys)
     assert meta["config_hash"] == "cafe"
     assert meta["state"] == {"epoch": 0, "step": 0}
-    assert meta["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)
+    assert meta["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1)
     assert meta["fosctrain_version"] and meta["created"]
 
 
@@ -402,8 +389,8 @@ def test_a_valid_pair_survives_a_crash_at_any_rename(tmp_path, monkeypatch, cras
 
 
 def test_load_weights_from_checkpoint_paths(tmp_path):
-    model, optimizer, scheduler = setup()
-    save(tmp_path, parts=(model, optimizer, scheduler))
+    model, optimizer = setup()
+    save(tmp_path, parts=(model, optimizer))
     for path in (tmp_path / "last.safetensors", tmp_path / "last.json", tmp_path / "last"):
         assert_same(load_weights(path), model.state_dict())
 

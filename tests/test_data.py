@@ -14,7 +14,6 @@ import torch
 
 from fosctrain.data import (
     Dataset,
-    batches,
     load_cifar10,
     load_dataset,
     load_mnist,
@@ -294,48 +293,8 @@ def test_validate_rejects_bad_tensors(bad) -> None:
         validate_tensors(x, y, num_classes=3, source="my-source")
 
 
-# ---------------------------------------------------------------- batches
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def test_batches_cover_every_index_once_when_shuffled() -> None:
-    x = torch.arange(23, dtype=torch.float32)[:, None, None, None]
-    y = torch.arange(23)
-    got = list(batches(x, y, 5, shuffle=True, generator=_gen(0)))
-    assert [len(yb) for _, yb in got] == [5, 5, 5, 5, 3]
-    seen = torch.cat([yb for _, yb in got])
-    assert sorted(seen.tolist()) == list(range(23))
-    assert not torch.equal(seen, y)
-    for xb, yb in got:
-        assert torch.equal(xb.flatten().long(), yb)
-
-
-def test_batches_in_order_and_drop_last() -> None:
-    x, y = torch.rand(10, 1, 2, 2), torch.arange(10)
-    plain = list(batches(x, y, 4, shuffle=False))
-    assert [yb.tolist() for _, yb in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    dropped = list(batches(x, y, 4, shuffle=True, generator=_gen(1), drop_last=True))
-    assert [len(yb) for _, yb in dropped] == [4, 4]
-    assert list(batches(x, y, 20, shuffle=False, drop_last=True)) == []
-
-
-def test_batches_deterministic_with_seed() -> None:
-    x, y = torch.rand(17, 1, 2, 2), torch.arange(17)
-    a = [yb for _, yb in batches(x, y, 4, shuffle=True, generator=_gen(7))]
-    b = [yb for _, yb in batches(x, y, 4, shuffle=True, generator=_gen(7))]
-    c = [yb for _, yb in batches(x, y, 4, shuffle=True, generator=_gen(8))]
-    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
-    assert not all(torch.equal(p, q) for p, q in zip(a, c, strict=True))
-
-
-def test_batches_rejects_bad_batch_size() -> None:
-    x, y = torch.rand(4, 1, 2, 2), torch.arange(4)
-    for size in (0, -1, 2.5):
-        with pytest.raises(UserError):
-            list(batches(x, y, size, shuffle=False))
 
 
 # ---------------------------------------------------------------- random_crop_flip

@@ -34,8 +34,8 @@ from fosctrain.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_latest_valid,
-    load_weights,
 )
+from fosctrain.weights import load_weights
 
 TINY = [
     "--train-n", "128", "--epochs", "3", "--batch-size", "16", "--steps", "2",

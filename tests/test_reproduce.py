@@ -330,9 +330,9 @@ def test_out_of_another_experiment_is_refused(tmp_path, capsys):
 
 def test_eval_subset_mixes_classes():
     """mnist5k's test split is class-sorted: the first 100 digits are all zeros."""
-    x, y = eval_command.test_data({"dataset": "mnist5k"}, None, None, 100)
+    x, y = eval_command.load_test_examples({"dataset": "mnist5k"}, None, None, 100)
     assert len(y) == 100 and len(set(y.tolist())) == 10
-    x_all, y_all = eval_command.test_data({"dataset": "mnist5k"}, None, None, 5000)
+    x_all, y_all = eval_command.load_test_examples({"dataset": "mnist5k"}, None, None, 5000)
     assert len(y_all) == 1000
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fosctrain.device import model_device
 from fosctrain.errors import UserError
 
 STEPS = 100
@@ -112,6 +113,23 @@ def build_suite(
     ]
 
 
+def suite_settings(
+    version: str, components: list[Component], eps: float, norm: str, seed: int
+) -> dict:
+    """The suite's settings as the report stores and prints them."""
+    return {
+        "name": "AutoAttack",
+        "version": version,
+        "label": LABELS[version],
+        "alpha": "per component",
+        "components": [c.settings for c in components],
+        "eps": eps,
+        "norm": norm,
+        "seed": seed,
+        "library": "torchattacks (components; suite assembled by fosctrain.autoattack)",
+    }
+
+
 def run_suite(
     model: nn.Module,
     components: list[Component],
@@ -124,7 +142,7 @@ def run_suite(
     """Cumulative per-example robustness after each component, starting from `robust` (the
     clean-correct mask): a component attacks only the examples still robust, batch by batch
     (`on_batch(name)` after every batch, for progress)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     robust = robust.clone()
     out = {}
     for comp in components:

@@ -1,7 +1,7 @@
 """Checkpoints as a safetensors file (all tensors) plus a JSON file (everything else).
 
-Nothing here ever unpickles: tensors go through safetensors, the rest through JSON, and user
-`.pt` files are read with `torch.load(weights_only=True)` only. Each JSON records the sha256
+Nothing here ever unpickles: tensors go through safetensors, the rest through JSON (user weight
+files, `.pt` included, are fosctrain.weights' concern). Each JSON records the sha256
 and size of its tensor file, so a pair from two different saves (a crash between the two
 writes) or a damaged file is detected on load. Saving rotates the previous pair to NAME-prev
 in an order that leaves at least one complete, valid pair on disk at every instant.
@@ -9,12 +9,10 @@ in an order that leaves at least one complete, valid pair on disk at every insta
 
 from __future__ import annotations
 
-import collections
 import datetime as _dt
 import hashlib
 import json
 import os
-import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ OPTIM_PREFIX = "optim"
 OPTIM_GROUPS_PREFIX = "optim/groups"
 STATE_PREFIX = "state"
 
-_TAGS = ("__tensor__", "__tuple__", "__ndarray__", "__dict__", "__counter__")
+_TAGS = ("__tensor__", "__tuple__", "__ndarray__", "__dict__")
 _CHUNK = 1 << 20
 
 
@@ -64,12 +62,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def config_hash(config: dict) -> str:
-    """Short stable id of a configuration: sha256 of its canonical JSON, first 16 hex chars."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def checkpoint_paths(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """The (tensor file, JSON file) paths of checkpoint `name` in `directory`."""
     _check_name(name)
@@ -83,7 +75,7 @@ def _check_name(name: str) -> None:
         raise CheckpointError(f"invalid checkpoint name {name!r}: use a plain file stem")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """An exception's message squeezed onto one line (torch's messages span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -94,7 +86,7 @@ def _one_line(exc: BaseException) -> str:
 def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
     """Turn `obj` into JSON-able data, moving tensors into `tensors` under keys below `prefix`.
 
-    Tuples, numpy arrays, Counters and dicts with non-string keys are tagged so that `_decode`
+    Tuples, numpy arrays and dicts with non-string keys are tagged so that `_decode`
     gives back the same types (optimizers and RNG setters care about them). Callables inside
     dicts (LR lambdas) are dropped; other unknown objects are a programming error.
     """
@@ -120,8 +112,6 @@ def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
         return {"__tuple__": _encode_seq(obj, prefix, tensors)}
     if isinstance(obj, list):
         return _encode_seq(obj, prefix, tensors)
-    if isinstance(obj, collections.Counter):
-        return {"__counter__": _encode_pairs(obj.items(), prefix, tensors)}
     if isinstance(obj, dict):
         return _encode_dict(obj, prefix, tensors)
     raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} in a checkpoint")
@@ -173,7 +163,6 @@ _TAG_DECODERS: dict[str, Callable[[Any, dict[str, Tensor]], Any]] = {
     "__tuple__": lambda value, tensors: tuple(_decode(v, tensors) for v in value),
     "__ndarray__": _decode_ndarray,
     "__dict__": lambda value, tensors: dict(_decode_pairs(value, tensors)),
-    "__counter__": lambda value, tensors: collections.Counter(dict(_decode_pairs(value, tensors))),
 }
 
 
@@ -205,10 +194,6 @@ class Checkpoint:
         """The optimizer's state dict as `optimizer.state_dict()` gave it, or None if not saved."""
         return self._decoded("optimizer")
 
-    def scheduler_state(self) -> dict | None:
-        """The LR scheduler's state dict, or None if not saved."""
-        return self._decoded("scheduler")
-
     def state(self) -> dict:
         """The `state` dict given to save_checkpoint (epoch, metrics, RNG states...), rebuilt."""
         return self._decoded("state") or {}
@@ -227,7 +212,6 @@ def save_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
     state: dict | None = None,
     config_hash: str = "",
     keep_previous: bool = True,
@@ -249,9 +233,6 @@ def save_checkpoint(
         "config_hash": config_hash,
         "state": _encode(dict(state or {}), STATE_PREFIX, tensors),
         "optimizer": _encode_optimizer(optimizer, tensors),
-        "scheduler": None
-        if scheduler is None
-        else _encode(scheduler.state_dict(), "scheduler", tensors),
     }
     data = safetensors.torch.save(tensors, metadata=_header_metadata(meta))
     meta.update(
@@ -337,8 +318,8 @@ def load_checkpoint(
     _check_exists(tensor_path, json_path)
     meta = _read_meta(json_path)
     data = _read_tensor_bytes(tensor_path, json_path, meta)
-    header = _parse_header(tensor_path, data)
-    tensors = _parse_tensors(tensor_path, data)
+    header = parse_header(tensor_path, data)
+    tensors = parse_tensors(tensor_path, data)
     _cross_check(tensor_path, json_path, meta, header, tensors)
     if expected_config_hash is not None and meta["config_hash"] != expected_config_hash:
         raise ConfigMismatchError(
@@ -371,7 +352,7 @@ def _read_meta(json_path: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{json_path} is not valid JSON ({exc})") from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read {json_path}: {_one_line(exc)}") from None
+        raise CheckpointError(f"cannot read {json_path}: {one_line(exc)}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a fosctrain checkpoint JSON")
     version = meta.get("format_version")
@@ -396,7 +377,7 @@ def _read_tensor_bytes(tensor_path: Path, json_path: Path, meta: dict) -> bytes:
     try:
         data = tensor_path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read {tensor_path}: {_one_line(exc)}") from None
+        raise CheckpointError(f"cannot read {tensor_path}: {one_line(exc)}") from None
     expected = meta["size"]
     if len(data) < expected:
         raise CheckpointError(
@@ -417,7 +398,7 @@ def _read_tensor_bytes(tensor_path: Path, json_path: Path, meta: dict) -> bytes:
     return data
 
 
-def _parse_header(path: Path, data: bytes) -> dict:
+def parse_header(path: Path, data: bytes) -> dict:
     """The safetensors JSON header (8-byte little-endian length, then JSON)."""
     if len(data) < 8:
         raise CheckpointError(f"{path} is not a safetensors file (only {len(data)} bytes)")
@@ -436,13 +417,11 @@ def _parse_header(path: Path, data: bytes) -> dict:
     return header
 
 
-def _parse_tensors(path: Path, data: bytes) -> dict[str, Tensor]:
+def parse_tensors(path: Path, data: bytes) -> dict[str, Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError and others
-        raise CheckpointError(
-            f"{path} is not a valid safetensors file ({_one_line(exc)})"
-        ) from None
+        raise CheckpointError(f"{path} is not a valid safetensors file ({one_line(exc)})") from None
 
 
 def _cross_check(
@@ -492,14 +471,13 @@ def restore(
     checkpoint: Checkpoint,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
 ) -> None:
-    """Load the model (strict), then the optimizer and scheduler states, from `checkpoint`."""
+    """Load the model (strict), then the optimizer state, from `checkpoint`."""
     where = checkpoint.path
     try:
         model.load_state_dict(checkpoint.model_state(), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{where} does not fit the model: {_one_line(exc)}") from None
+        raise CheckpointError(f"{where} does not fit the model: {one_line(exc)}") from None
     if optimizer is not None:
         state = checkpoint.optimizer_state()
         if state is None:
@@ -507,81 +485,4 @@ def restore(
         try:
             optimizer.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{where} does not fit the optimizer: {_one_line(exc)}") from None
-    if scheduler is not None:
-        state = checkpoint.scheduler_state()
-        if state is None:
-            raise CheckpointError(f"{where} holds no LR scheduler state")
-        scheduler.load_state_dict(state)
-
-
-# --------------------------------------------------------------------------- user weight files
-
-
-def load_weights(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Model weights from a user-given file, never unpickling arbitrary objects.
-
-    Accepts a checkpoint (its .safetensors, its .json or its stem), a plain safetensors state
-    dict, or a .pt/.pth state dict readable by `torch.load(weights_only=True)`.
-    """
-    p = Path(path)
-    if p.suffix == JSON_SUFFIX:
-        return load_checkpoint(p.parent, p.stem).model_state()
-    if not p.exists() and Path(str(p) + TENSOR_SUFFIX).is_file():
-        return load_checkpoint(p.parent, p.name).model_state()
-    if not p.is_file():
-        raise CheckpointError(f"weights file {p} does not exist")
-    if p.suffix == TENSOR_SUFFIX:
-        return _load_safetensors_weights(p)
-    return _load_torch_weights(p)
-
-
-def _load_safetensors_weights(path: Path) -> dict[str, Tensor]:
-    """A checkpoint's tensor file (verified against its JSON when present) or a plain one."""
-    if path.with_suffix(JSON_SUFFIX).is_file():
-        return load_checkpoint(path.parent, path.stem).model_state()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {_one_line(exc)}") from None
-    header = _parse_header(path, data)
-    tensors = _parse_tensors(path, data)
-    metadata = header.get("__metadata__") or {}
-    ours = metadata.get("format") == FORMAT or (
-        tensors and all(k.startswith((MODEL_PREFIX, "optim/", "state/")) for k in tensors)
-    )
-    if not ours:
-        return tensors
-    n = len(MODEL_PREFIX)
-    return {k[n:]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-
-
-def _load_torch_weights(path: Path) -> dict[str, Tensor]:
-    """A torch.save'd state dict, loaded with weights_only=True (no arbitrary unpickling)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"{path} holds Python objects other than tensors and will not be unpickled; "
-            "save the model's state_dict() instead (or use a .safetensors file)"
-        ) from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, ... on damaged files
-        raise CheckpointError(
-            f"{path} is not a readable torch weights file ({_one_line(exc)})"
-        ) from None
-    return _as_state_dict(path, obj)
-
-
-def _as_state_dict(path: Path, obj: Any) -> dict[str, Tensor]:
-    """Accept a flat {name: tensor} dict, or one nested under a usual key like 'state_dict'."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path} does not hold a state dict (got {type(obj).__name__})")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{path} is not a state dict: entry {bad[0]!r} is not a tensor")
-    return dict(obj)
+            raise CheckpointError(f"{where} does not fit the optimizer: {one_line(exc)}") from None

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fosctrain.errors import UserError
+from fosctrain.errors import UserError, check_positive
+from fosctrain.threat import NORMS, eval_step_size, train_step_size, validate_eps
 
+# the training methods' names, stated once; fosctrain.methods registers a class under each
 METHODS = ("natural", "madry", "cat", "dat", "fat", "trades", "fast")
 VAL_N = 500  # chosen by measurement on mnist5k: see the val_n help and README
 
@@ -110,12 +111,12 @@ class Config:
 
     @property
     def step_size(self) -> float:
-        return self.eps / 4 if self.alpha is None else self.alpha
+        return train_step_size(self.eps, self.alpha)
 
     @property
     def eval_step_size(self) -> float:
         """The step of the reporting PGD: eval_alpha, or 2.5 eps / eval_steps."""
-        return 2.5 * self.eps / self.eval_steps if self.eval_alpha is None else self.eval_alpha
+        return eval_step_size(self.eps, self.eval_steps, self.eval_alpha)
 
     def eval_attack(self) -> str:
         """The reporting attack in words, stated next to every number it produced."""
@@ -138,8 +139,13 @@ class Config:
 
     def hash(self) -> str:
         """Identity of what is trained: everything except where and how fast it runs."""
-        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash({k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS})
+
+
+def config_hash(config: dict) -> str:
+    """Short stable id of a configuration: sha256 of its canonical (key-sorted) JSON, first 16
+    hex characters. Run directories and checkpoints record it; resume compares it."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 RUNTIME_FIELDS = frozenset({"device", "threads", "eval_every", "compile"})
@@ -226,15 +232,6 @@ def resolve(
     return config
 
 
-def _positive(name: str, value: Any, integer: bool = False, zero_ok: bool = False) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok_type and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if zero_ok else value > 0)
-    if not ok:
-        kind = "an integer" if integer else "a finite number"
-        raise UserError(f"{name} must be {kind} {'>= 0' if zero_ok else '> 0'}, got {value!r}")
-
-
 def _choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
@@ -250,30 +247,29 @@ def validate(c: Config) -> None:
     _choice("model", c.model, tuple(list_models()))
     _choice("optimizer", c.optimizer, ("sgd", "adam"))
     _choice("lr schedule", c.lr_schedule, ("multistep", "cosine", "constant"))
-    _choice("norm", c.norm, ("linf", "l2"))
+    _choice("norm", c.norm, NORMS)
     _choice("schedule unit", c.schedule_unit, ("epoch", "iteration"))
     _choice("amp dtype", c.amp, (None, "bf16", "fp16"))
     for name in ("epochs", "batch_size", "steps", "eval_steps", "eval_every", "num_classes"):
-        _positive(name, getattr(c, name), integer=True)
+        check_positive(name, getattr(c, name), integer=True)
     for name in ("lr", "eps", "lr_gamma"):
-        _positive(name, getattr(c, name))
+        check_positive(name, getattr(c, name))
     for name in ("momentum", "weight_decay", "trades_beta"):
-        _positive(name, getattr(c, name), zero_ok=True)
-    _positive("val_n", c.val_n, integer=True, zero_ok=True)
-    _positive("train_n", c.train_n, integer=True, zero_ok=True)
-    _positive("final_eval_n", c.final_eval_n, integer=True, zero_ok=True)
-    _positive("seed", c.seed, integer=True, zero_ok=True)
+        check_positive(name, getattr(c, name), zero_ok=True)
+    check_positive("val_n", c.val_n, integer=True, zero_ok=True)
+    check_positive("train_n", c.train_n, integer=True, zero_ok=True)
+    check_positive("final_eval_n", c.final_eval_n, integer=True, zero_ok=True)
+    check_positive("seed", c.seed, integer=True, zero_ok=True)
     for name in ("fat_tau", "fat_tau_max"):
-        _positive(name, getattr(c, name), integer=True, zero_ok=True)
-    if c.norm == "linf" and c.eps > 1:
-        raise UserError(f"eps must be <= 1 for L-inf on [0,1] images, got {c.eps}")
+        check_positive(name, getattr(c, name), integer=True, zero_ok=True)
+    validate_eps([c.eps], c.norm)
     if c.fosc_box and c.norm != "linf":
         raise UserError("--fosc-box is the L-inf box-exact FOSC; it cannot be used with --norm l2")
     for name in ("alpha", "fast_alpha", "eval_alpha", "t_prime", "threads"):
         if getattr(c, name) is not None:
-            _positive(name, getattr(c, name), integer=name in ("t_prime", "threads"))
+            check_positive(name, getattr(c, name), integer=name in ("t_prime", "threads"))
     if c.c_max != "auto":
-        _positive("c_max", c.c_max, zero_ok=True)
+        check_positive("c_max", c.c_max, zero_ok=True)
     if not 0 < c.c_max_quantile < 1:
         raise UserError(f"c_max_quantile must be in (0, 1), got {c.c_max_quantile}")
     if not isinstance(c.lr_milestones, list) or not all(
@@ -285,8 +281,8 @@ def validate(c: Config) -> None:
     if (c.late_steps is None) != (c.late_from is None):
         raise UserError("late_steps and late_from go together: give both or neither")
     if c.late_steps is not None:
-        _positive("late_steps", c.late_steps, integer=True)
-        _positive("late_from", c.late_from, zero_ok=True)
+        check_positive("late_steps", c.late_steps, integer=True)
+        check_positive("late_from", c.late_from, zero_ok=True)
         if c.method != "madry":
             raise UserError(f"late_steps applies to method madry only, not {c.method}")
     if c.dataset not in ("mnist5k", "mnist") and c.data_dir is None:

@@ -14,7 +14,7 @@ import importlib.resources
 import importlib.util
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,32 +354,6 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
 
 
 # ---------------------------------------------------------------- batching and augmentation
-
-
-def batches(
-    x: Tensor,
-    y: Tensor,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (xb, yb) mini-batches by index slicing; a random permutation when `shuffle`."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
-    n = x.shape[0]
-    if y.shape[0] != n:
-        raise UserError(f"batches: {n} inputs but {y.shape[0]} labels")
-    order = torch.randperm(n, generator=generator) if shuffle else None
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        end = min(start + batch_size, n)
-        if order is None:
-            yield x[start:end], y[start:end]
-        else:
-            index = order[start:end].to(x.device)
-            yield x[index], y[index.to(y.device)]
 
 
 def _draw(generator: torch.Generator | None, fn: Callable[..., Tensor], *args, **kwargs) -> Tensor:

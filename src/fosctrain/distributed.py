@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fosctrain.attacks.engine import Sampler, random_start
-from fosctrain.errors import UserError
+from fosctrain.errors import UserError, check_positive
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -269,8 +269,7 @@ def launch(nproc: int, argv: list[str], port: int | None = None) -> int:
     """Run `python -m fosctrain ARGV` in `nproc` processes on this machine, as
     `torchrun --nproc-per-node NPROC --master-port PORT -m fosctrain ARGV` would, and return
     the exit status of the first process that failed (0 when all succeeded)."""
-    if nproc < 1:
-        raise UserError(f"--nproc must be >= 1, got {nproc}")
+    check_positive("--nproc", nproc, integer=True)
     if port is None:
         port = free_port()
     elif not 0 < port < 65536:

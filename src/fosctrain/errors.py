@@ -1,5 +1,23 @@
-"""The one exception type for bad user input: the CLI turns it into one line on stderr, exit 2."""
+"""The one exception type for bad user input: the CLI turns it into one line on stderr, exit 2;
+and the one check of a positive (or non-negative) number that raises it."""
+
+from __future__ import annotations
+
+import math
+import numbers
 
 
 class UserError(Exception):
     """Input the user can fix (missing file, bad option, bad data); never a bug of ours."""
+
+
+def check_positive(name: str, value: object, *, integer: bool = False, zero_ok: bool = False):
+    """`value` if it is a finite number > 0 (>= 0 with zero_ok; an integer if `integer`),
+    else UserError naming `name`. NumPy scalars are welcome; booleans are not numbers here."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value >= 0 if zero_ok else value > 0):
+        return value
+    what = "an integer" if integer else "a finite number"
+    bound = ">= 0" if zero_ok else ">= 1" if integer else "> 0"
+    raise UserError(f"{name} must be {what} {bound}, got {value!r}")

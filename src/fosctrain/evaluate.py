@@ -1,6 +1,9 @@
 """Robust accuracy of a model under a suite of attacks, with confidence intervals and
 gradient-masking sanity checks.
 
+(About 600 lines: every attack's run, the worst case and the checks' extra runs share one
+context and read as one story; the rules, intervals, FOSC math and report live elsewhere.)
+
 `evaluate` runs, for every eps: a clean pass, FGSM, PGD (with restarts), C&W-inf (PGD on the
 C&W margin), optionally AutoAttack (fosctrain.autoattack: the standard suite built from
 torchattacks' components, or its labelled "fast" subset) and a black-box transfer attack (PGD
@@ -24,151 +27,56 @@ point, 0 at a stationary one). Raw FOSC scales with the gradient norm, which gro
 climbs the loss: on a naturally trained MNIST CNN the final mean FOSC of PGD-20 is twice its
 start value although PGD reaches 0% accuracy, while its relative FOSC falls from 0.5 to 0.15.
 
-Sanity checks (on by default; each adds a warning with its numbers to `report.warnings`):
-- FGSM stronger than PGD by more than CHECK_MARGIN: a one-step attack beating PGD points to
-  masked or noisy gradients.
-- A stronger PGD (2x steps at half the step size, one more restart) on the first `check_n`
-  examples lowers accuracy by more than CHECK_MARGIN: PGD has not converged.
-- PGD accuracy at a large budget, LARGE_EPS = min(1, max(0.5, 4 x the largest eps)) for
-  L-inf (4 x the largest eps for L2), is above LARGE_EPS_MAX_ACC (10%): at eps 0.5 every
-  pixel of near-binary data can be moved to grey, at eps 1 the ball is the whole image box,
-  so a working attack reaches ~0%.
-- The transfer attack beats white-box PGD by more than CHECK_MARGIN.
-- PGD's final mean FOSC is above FOSC_RATIO_MAX (50%) of its mean at the random start, both
-  in absolute terms and relative to the gradient scale (the absolute ratio alone fires
-  whenever gradients grow as PGD climbs the loss, see above): the attack has not converged.
-- The input gradient is exactly zero at PGD's random start for more than
-  ZERO_GRAD_MAX (50%) of the examples: PGD cannot move (masked or saturated gradients).
+Sanity checks (on by default; fosctrain.masking states each rule and its threshold): FGSM
+against PGD, a stronger PGD, PGD at a large budget, the transfer attack against PGD, PGD's
+FOSC at the end against the start, and zero input gradients at the start. Each adds a
+warning with its numbers to `report.warnings`.
+
+The other pieces live in rooms named after them: fosctrain.intervals (Wilson intervals),
+fosctrain.fosc (FOSC and relative FOSC of a point) and fosctrain.report (EvalReport,
+eval.json / eval.csv, the table), re-exported here where users import them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from fosctrain import autoattack as aa
+from fosctrain import masking
 from fosctrain.attacks import FGSM, FGSMRS, PGD, PGDL2, AttackResult, CWInf, attack_mode
-from fosctrain.errors import UserError
-from fosctrain.files import atomic_write_json, atomic_write_text
-from fosctrain.fosc import fosc, fosc_stats
-from fosctrain.losses import input_gradient, objective
+from fosctrain.device import model_device
+from fosctrain.errors import UserError, check_positive
+from fosctrain.fosc import fosc_stats, point_fosc
+from fosctrain.intervals import Accuracy, wilson_interval
+from fosctrain.masking import CHECK_N, large_eps
+from fosctrain.report import EpsResult, EvalReport, format_table, write_report
+from fosctrain.threat import BOUNDS, check_norm, eval_step_size, validate_eps
 
 ATTACK_NAMES = ("fgsm", "pgd", "cw")
 LINF_ATTACKS = ("fgsm", "fgsm-rs", "pgd", "cw")
 L2_ATTACKS = ("pgd",)
-Z95 = 1.959963984540054
-CHECK_MARGIN = 0.03
-LARGE_EPS_MAX_ACC = 0.10
-FOSC_RATIO_MAX = 0.5
-ZERO_GRAD_MAX = 0.5
-CHECK_N = 256
-BOUNDS = (0.0, 1.0)
-CSV_COLUMNS = ("eps", "attack", "acc", "ci_low", "ci_high", "correct", "n")
-
-
-def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion: sensible also at 0% and 100%,
-    where the normal approximation collapses to a zero-width interval."""
-    if n <= 0:
-        return float("nan"), float("nan")
-    p = correct / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    lo = 0.0 if correct == 0 else max(0.0, center - half)
-    hi = 1.0 if correct == n else min(1.0, center + half)
-    return lo, hi
-
-
-@dataclass
-class Accuracy:
-    """How many of n examples were classified correctly, with a 95% Wilson interval."""
-
-    correct: int
-    n: int
-
-    @classmethod
-    def of(cls, mask: Tensor) -> Accuracy:
-        return cls(int(mask.sum()), int(mask.numel()))
-
-    @property
-    def acc(self) -> float:
-        return self.correct / self.n if self.n else float("nan")
-
-    @property
-    def ci(self) -> tuple[float, float]:
-        return wilson_interval(self.correct, self.n)
-
-    def to_dict(self) -> dict:
-        lo, hi = self.ci
-        return {"acc": self.acc, "ci_low": lo, "ci_high": hi, "correct": self.correct, "n": self.n}
-
-
-@dataclass
-class EpsResult:
-    """Everything measured at one budget eps."""
-
-    eps: float
-    clean: Accuracy
-    attacks: dict[str, Accuracy]
-    worst_case: Accuracy
-    fosc: dict[str, float]
-    settings: dict[str, dict]
-    checks: dict[str, float]
-    time_s: dict[str, float]
-
-    def rows(self) -> list[tuple[str, Accuracy]]:
-        """(name, accuracy) for the clean pass, every attack and the worst case."""
-        return [("clean", self.clean), *self.attacks.items(), ("worst_case", self.worst_case)]
-
-    def to_dict(self) -> dict:
-        return {
-            "eps": self.eps,
-            "clean": self.clean.to_dict(),
-            "attacks": {k: v.to_dict() for k, v in self.attacks.items()},
-            "worst_case": self.worst_case.to_dict(),
-            "fosc": self.fosc,
-            "settings": self.settings,
-            "checks": self.checks,
-            "time_s": self.time_s,
-        }
-
-
-@dataclass
-class EvalReport:
-    """The result of `evaluate`: per-eps results, global settings, check numbers, warnings."""
-
-    n: int
-    norm: str
-    seed: int
-    results: list[EpsResult]
-    settings: dict
-    checks: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    time_s: float = 0.0
-    meta: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "n": self.n,
-            "norm": self.norm,
-            "seed": self.seed,
-            "settings": self.settings,
-            "results": [r.to_dict() for r in self.results],
-            "checks": self.checks,
-            "warnings": list(self.warnings),
-            "time_s": self.time_s,
-            "meta": self.meta,
-        }
+__all__ = [  # the suite, and what users import from here whose homes are named above
+    "ATTACK_NAMES",
+    "L2_ATTACKS",
+    "LINF_ATTACKS",
+    "Accuracy",
+    "EvalReport",
+    "evaluate",
+    "format_table",
+    "large_eps",
+    "point_fosc",
+    "validate_eps",
+    "wilson_interval",
+    "write_report",
+]
 
 
 @dataclass
@@ -190,25 +98,8 @@ class _Config:
 # ---------------------------------------------------------------- validation
 
 
-def validate_eps(eps_list: Sequence[float], norm: str = "linf") -> list[float]:
-    """Budgets as floats; UserError for an empty list, NaN, <= 0 or (L-inf) > 1."""
-    values = list(eps_list)
-    if not values:
-        raise UserError("give at least one eps")
-    out = []
-    for eps in values:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-            raise UserError(f"eps must be a finite number, got {eps!r}")
-        if eps <= 0 or (norm == "linf" and eps > 1):
-            limit = "in (0, 1] for L-inf on [0, 1] pixels" if norm == "linf" else "positive"
-            raise UserError(f"eps must be {limit}, got {eps!r}")
-        out.append(float(eps))
-    return out
-
-
 def _validate(cfg: _Config, n: int) -> None:
-    if cfg.norm not in ("linf", "l2"):
-        raise UserError(f"unknown norm {cfg.norm!r}; choose 'linf' or 'l2'")
+    check_norm(cfg.norm)
     allowed = LINF_ATTACKS if cfg.norm == "linf" else L2_ATTACKS
     for name in cfg.attacks:
         if name not in allowed:
@@ -222,10 +113,9 @@ def _validate(cfg: _Config, n: int) -> None:
         ("batch_size", cfg.batch_size),
         ("check_n", cfg.check_n),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"{what} must be an integer >= 1, got {value!r}")
-    if cfg.alpha is not None and not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
-        raise UserError(f"alpha must be a positive finite number, got {cfg.alpha!r}")
+        check_positive(what, value, integer=True)
+    if cfg.alpha is not None:
+        check_positive("alpha", cfg.alpha)
     if n == 0:
         raise UserError("no examples to evaluate")
 
@@ -235,7 +125,7 @@ def _check_data(x: Tensor, y: Tensor) -> None:
         raise UserError(
             f"expected x as N x ... and y as N labels, got {tuple(x.shape)}, {tuple(y.shape)}"
         )
-    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+    if x.numel() and (float(x.min()) < BOUNDS[0] or float(x.max()) > BOUNDS[1]):
         raise UserError("inputs must lie in [0, 1] (attacks clip to that box)")
 
 
@@ -248,24 +138,19 @@ def _generator(seed: int, *keys: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(tag))
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _spans(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Per-example correctness of the model's prediction (no autograd), on the CPU."""
-    dev = _device(model)
+    dev = model_device(model)
     with torch.no_grad():
         return (model(x.to(dev)).argmax(1) == y.to(dev)).cpu()
 
 
 def _pgd_alpha(cfg: _Config, eps: float, steps: int) -> float:
-    return cfg.alpha if cfg.alpha is not None else 2.5 * eps / steps
+    return eval_step_size(eps, steps, cfg.alpha)
 
 
 def _alpha_rule(name: str, cfg: _Config) -> str:
@@ -290,42 +175,6 @@ def _make_attack(name: str, eps: float, cfg: _Config, steps: int | None = None) 
         return CWInf(eps=eps, alpha=alpha, steps=steps, fosc_box=box)
     cls = PGDL2 if cfg.norm == "l2" else PGD
     return cls(eps=eps, alpha=alpha, steps=steps, fosc_box=box)
-
-
-def linear_range(x0: Tensor, grad: Tensor, eps: float, norm: str, fosc_box: bool) -> Tensor:
-    """Per example, max - min of the linearized loss <z, g> over the threat set around x0:
-    the largest value FOSC can take, used to make FOSC scale-free."""
-    g = grad.flatten(1)
-    if norm == "l2":
-        return 2 * eps * g.norm(dim=1)
-    if not fosc_box:
-        return 2 * eps * g.abs().sum(1)
-    lo = torch.clamp(x0 - eps, min=BOUNDS[0])
-    hi = torch.clamp(x0 + eps, max=BOUNDS[1])
-    return (g.abs() * (hi - lo).flatten(1)).sum(1)
-
-
-def point_fosc(
-    model: nn.Module,
-    x0: Tensor,
-    x: Tensor,
-    y: Tensor,
-    eps: float,
-    *,
-    norm: str = "linf",
-    fosc_box: bool = True,
-    loss: str = "ce",
-) -> tuple[Tensor, Tensor]:
-    """FOSC at the points x (threat set around x0) and relative FOSC: FOSC divided by the
-    range of the linearized loss over the threat set, in [0, 1]. A uniformly random point of
-    the set scores about 0.5 and a stationary point 0, whatever the gradient's scale; NaN
-    where the gradient is zero. Costs one input-gradient pass."""
-    grad, _, _ = input_gradient(model, x, y, objective(loss))
-    box = fosc_box and norm == "linf"
-    c = fosc(x, x0, grad, eps, norm, BOUNDS if box else None)
-    width = linear_range(x0, grad, eps, norm, box)
-    rel = torch.where(width > 0, c / width.clamp_min(1e-30), torch.full_like(c, float("nan")))
-    return c, rel
 
 
 @dataclass
@@ -370,7 +219,7 @@ def _run(
     model's correctness at the adversarial points; with `probe_box` set (True: box-aware),
     also FOSC at the start and final points (two extra gradient passes)."""
     source = craft_on if craft_on is not None else model
-    dev = _device(source)
+    dev = model_device(source)
     correct, probes = [], []
     for span in _spans(x.shape[0], batch_size):
         xb, yb = x[span].to(dev), y[span].to(dev)
@@ -407,16 +256,11 @@ def _run_restarts(
     return mask, first
 
 
-def _nanmean(v: Tensor) -> float:
-    v = v[~torch.isnan(v)].double()
-    return v.mean().item() if v.numel() else float("nan")
-
-
 def _fosc_summary(probes: dict[str, Tensor]) -> dict[str, float]:
     """FOSC statistics at PGD's final points, and the start values they are compared with."""
     stats = fosc_stats(probes["fosc_final"])
-    rel_start, rel_final = _nanmean(probes["rel_start"]), _nanmean(probes["rel_final"])
-    start = _nanmean(probes["fosc_start"])
+    rel_start, rel_final = (fosc_stats(probes[k])["mean"] for k in ("rel_start", "rel_final"))
+    start = fosc_stats(probes["fosc_start"])["mean"]
     stats.update(
         first_step_mean=start,
         ratio=stats["mean"] / start if start > 0 else float("nan"),
@@ -505,17 +349,7 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, eps: float) -> None:
     for comp in suite:
         stage, settings = stages[comp.name], {**comp.settings, "cumulative": True}
         tally.record(f"{label}/{comp.name}", stage.robust, settings, stage.seconds)
-    settings = {
-        "name": "AutoAttack",
-        "version": version,
-        "label": label,
-        "alpha": "per component",
-        "components": [c.settings for c in suite],
-        "eps": eps,
-        "norm": cfg.norm,
-        "seed": cfg.seed,
-        "library": "torchattacks (components; suite assembled by fosctrain.autoattack)",
-    }
+    settings = aa.suite_settings(version, suite, eps, cfg.norm, cfg.seed)
     total = sum(stage.seconds for stage in stages.values())
     tally.record(label, stages[suite[-1].name].robust, settings, total)
 
@@ -568,7 +402,7 @@ def _evaluate_eps(ctx: _EpsContext, index: int, eps: float) -> tuple[EpsResult, 
     return result, warnings
 
 
-# ---------------------------------------------------------------- sanity checks
+# ---------------------------------------------------------------- the checks' runs
 
 
 def _eps_checks(
@@ -579,136 +413,63 @@ def _eps_checks(
     fosc: dict[str, float],
     pgd_mask: Tensor | None,
 ) -> tuple[dict[str, float], list[str]]:
-    """The per-eps gradient-masking checks: their numbers and the warnings they raise."""
+    """The per-eps gradient-masking checks (fosctrain.masking): numbers and warnings."""
+    cfg = ctx.cfg
     numbers: dict[str, float] = {}
     warnings: list[str] = []
     pgd = accs.get("pgd")
     if pgd is not None and "fgsm" in accs:
-        warnings += _check_fgsm(eps, accs["fgsm"].acc, pgd.acc, ctx.cfg.pgd_steps)
+        warnings += masking.fgsm_warnings(eps, accs["fgsm"].acc, pgd.acc, cfg.pgd_steps)
     if pgd_mask is not None:
         numbers.update(_stronger_pgd(ctx, index, eps, pgd_mask))
-        warnings += _check_stronger(eps, numbers, ctx.cfg)
+        warnings += masking.stronger_warnings(eps, numbers, cfg.pgd_steps, cfg.pgd_restarts)
     if pgd is not None and "transfer" in accs:
-        warnings += _check_transfer(eps, accs["transfer"].acc, pgd.acc)
+        warnings += masking.transfer_warnings(eps, accs["transfer"].acc, pgd.acc)
     if fosc:
-        warnings += _check_fosc(eps, fosc)
+        warnings += masking.fosc_warnings(eps, fosc)
     return numbers, warnings
 
 
-def _check_fgsm(eps: float, fgsm: float, pgd: float, steps: int) -> list[str]:
-    if fgsm >= pgd - CHECK_MARGIN:
-        return []
-    return [
-        f"eps={eps:g}: FGSM accuracy {fgsm:.1%} is below PGD-{steps} accuracy {pgd:.1%} by "
-        f"more than {CHECK_MARGIN:.0%}: a one-step attack should not beat PGD (masked or "
-        "noisy gradients, or a PGD step size that is too small)"
-    ]
-
-
 def _stronger_pgd(ctx: _EpsContext, index: int, eps: float, pgd_mask: Tensor) -> dict:
-    """PGD with twice the steps at half the step size and one more restart, on the first
-    check_n examples; its result is ANDed with the main PGD's on the same examples."""
+    """The stronger PGD (masking.stronger) on the first check_n examples; its result is ANDed
+    with the main PGD's on the same examples."""
     cfg = ctx.cfg
     m = min(cfg.check_n, ctx.x.shape[0])
-    steps, restarts = 2 * cfg.pgd_steps, cfg.pgd_restarts + 1
+    alpha = _pgd_alpha(cfg, eps, cfg.pgd_steps)
+    steps, restarts, alpha = masking.stronger(cfg.pgd_steps, cfg.pgd_restarts, alpha)
     ctx.bar.set_description(f"eps={eps:g} check: PGD-{steps} x{restarts}")
     attack = _make_attack("pgd", eps, cfg, steps=steps)
-    attack.alpha = _pgd_alpha(cfg, eps, cfg.pgd_steps) / 2
+    attack.alpha = alpha
     strong, _ = _run_restarts(
         ctx.model, attack, ctx.x[:m], ctx.y[:m], cfg, restarts, ctx.bar, index, "check-stronger"
     )
-    base = Accuracy.of(pgd_mask[:m]).acc
-    combined = Accuracy.of(pgd_mask[:m] & strong).acc
     return {
         "stronger_n": m,
         "stronger_steps": steps,
         "stronger_restarts": restarts,
         "stronger_alpha": attack.step_size,
-        "pgd_acc_subset": base,
-        "stronger_acc_subset": combined,
+        "pgd_acc_subset": Accuracy.of(pgd_mask[:m]).acc,
+        "stronger_acc_subset": Accuracy.of(pgd_mask[:m] & strong).acc,
     }
 
 
-def _check_stronger(eps: float, numbers: dict, cfg: _Config) -> list[str]:
-    base, strong = numbers["pgd_acc_subset"], numbers["stronger_acc_subset"]
-    if base - strong <= CHECK_MARGIN:
-        return []
-    return [
-        f"eps={eps:g}: a stronger PGD ({numbers['stronger_steps']} steps, "
-        f"{numbers['stronger_restarts']} restarts) lowers accuracy on the first "
-        f"{numbers['stronger_n']} examples from {base:.1%} to {strong:.1%} (more than "
-        f"{CHECK_MARGIN:.0%}): PGD-{cfg.pgd_steps} x{cfg.pgd_restarts} has not converged and "
-        "overestimates robustness"
-    ]
-
-
-def _check_transfer(eps: float, transfer: float, pgd: float) -> list[str]:
-    if transfer >= pgd - CHECK_MARGIN:
-        return []
-    return [
-        f"eps={eps:g}: the transfer attack (PGD crafted on the source model) gives accuracy "
-        f"{transfer:.1%}, below white-box PGD's {pgd:.1%} by more than {CHECK_MARGIN:.0%}: "
-        "the model's own gradients are probably masked"
-    ]
-
-
-def _check_fosc(eps: float, fosc: dict[str, float]) -> list[str]:
-    out = []
-    ratio = fosc.get("ratio", float("nan"))
-    relative = fosc.get("relative_ratio", float("nan"))
-    if _above(ratio, FOSC_RATIO_MAX) and _above(relative, FOSC_RATIO_MAX):
-        out.append(
-            f"eps={eps:g}: PGD has not converged: its final mean FOSC {fosc['mean']:.4g} is "
-            f"{ratio:.0%} of the {fosc['first_step_mean']:.4g} at its random start, and "
-            f"relative to the gradient scale {relative:.0%} ({fosc['relative_mean']:.3f} vs "
-            f"{fosc['relative_first_mean']:.3f}), both more than {FOSC_RATIO_MAX:.0%}; try "
-            "more steps or a smaller step size"
-        )
-    zero = fosc.get("zero_grad_frac", 0.0)
-    if zero > ZERO_GRAD_MAX:
-        out.append(
-            f"eps={eps:g}: the input gradient is exactly zero at PGD's random start for "
-            f"{zero:.0%} of the examples: PGD cannot move (masked gradients, e.g. quantized "
-            "inputs, or a saturated softmax; try the cw attack)"
-        )
-    return out
-
-
-def _above(value: float, limit: float) -> bool:
-    return math.isfinite(value) and value > limit
-
-
-def large_eps(eps_list: Sequence[float], norm: str = "linf") -> float:
-    """The budget of the large-eps check: min(1, max(0.5, 4 max eps)) for L-inf on [0, 1]
-    pixels, 4 max eps for L2."""
-    top = 4 * max(eps_list)
-    return min(1.0, max(0.5, top)) if norm == "linf" else top
-
-
 def _check_large_eps(ctx: _EpsContext, eps_list: list[float]) -> tuple[dict, list[str]]:
-    """PGD accuracy at a budget where any working attack reaches ~0%."""
+    """PGD accuracy at a budget where any working attack reaches ~0% (masking.large_eps)."""
     cfg = ctx.cfg
     eps = large_eps(eps_list, cfg.norm)
     m = min(cfg.check_n, ctx.x.shape[0])
     ctx.bar.set_description(f"check: eps={eps:g}")
     attack = _make_attack("pgd", eps, cfg)
     if cfg.alpha is not None:
-        attack.alpha = 2.5 * eps / cfg.pgd_steps
+        attack.alpha = eval_step_size(eps, cfg.pgd_steps)
     mask, _ = _run_restarts(ctx.model, attack, ctx.x[:m], ctx.y[:m], cfg, 1, ctx.bar, "large")
-    acc = Accuracy.of(mask).acc
     numbers = {
         "large_eps": eps,
         "large_eps_n": m,
-        "large_eps_acc": acc,
+        "large_eps_acc": Accuracy.of(mask).acc,
         "large_eps_alpha": attack.step_size,
     }
-    if acc <= LARGE_EPS_MAX_ACC:
-        return numbers, []
-    return numbers, [
-        f"eps={eps:g} (large budget check): PGD-{cfg.pgd_steps} accuracy is {acc:.1%} on the "
-        f"first {m} examples, above {LARGE_EPS_MAX_ACC:.0%}; at this budget a working attack "
-        "reaches ~0%: gradients are probably masked"
-    ]
+    return numbers, masking.large_eps_warnings(numbers, cfg.pgd_steps)
 
 
 # ---------------------------------------------------------------- entry point
@@ -799,7 +560,7 @@ def _progress_total(
 def _n_classes(model: nn.Module, x: Tensor) -> int:
     """The model's number of outputs (one forward pass on one example)."""
     with attack_mode(model), torch.no_grad():
-        return int(model(x[:1].to(_device(model))).shape[1])
+        return int(model(x[:1].to(model_device(model))).shape[1])
 
 
 def _maybe_attack_mode(model: nn.Module | None) -> contextlib.AbstractContextManager:
@@ -829,116 +590,9 @@ def _settings(
         "transfer": transfer,
         "checks": checks,
         "check_n": cfg.check_n,
-        "check_margin": CHECK_MARGIN,
-        "large_eps_max_acc": LARGE_EPS_MAX_ACC,
-        "fosc_ratio_max": FOSC_RATIO_MAX,
-        "zero_grad_max": ZERO_GRAD_MAX,
+        "check_margin": masking.CHECK_MARGIN,
+        "large_eps_max_acc": masking.LARGE_EPS_MAX_ACC,
+        "fosc_ratio_max": masking.FOSC_RATIO_MAX,
+        "zero_grad_max": masking.ZERO_GRAD_MAX,
         "confidence": "95% Wilson score interval",
     }
-
-
-# ---------------------------------------------------------------- output
-
-
-def csv_rows(report: EvalReport) -> list[dict]:
-    """One row per eps x (clean, attack..., worst_case)."""
-    rows = []
-    for r in report.results:
-        for name, acc in r.rows():
-            rows.append({"eps": r.eps, "attack": name, **acc.to_dict()})
-    return rows
-
-
-def _csv_text(report: EvalReport) -> str:
-    lines = [",".join(CSV_COLUMNS)]
-    for row in csv_rows(report):
-        lines.append(",".join(_csv_value(row[c]) for c in CSV_COLUMNS))
-    return "\n".join(lines) + "\n"
-
-
-def _csv_value(v: object) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def write_report(report: EvalReport, out_dir: str | Path, stem: str = "eval") -> list[Path]:
-    """Write STEM.json (everything) and STEM.csv (one row per eps x attack) atomically."""
-    out = Path(out_dir)
-    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
-    atomic_write_json(json_path, report.to_dict())
-    atomic_write_text(csv_path, _csv_text(report))
-    return [json_path, csv_path]
-
-
-ATTACK_TITLES = {
-    "FGSM": "FGSM",
-    "FGSMRS": "FGSM-RS",
-    "PGD": "PGD",
-    "PGDL2": "PGD-L2",
-    "CWInf": "CW-inf",
-}
-
-
-def attack_note(settings: dict) -> str:
-    """The attack's steps and step size in a few words, e.g.
-    "PGD-20 (alpha 0.0375 = 2.5 eps/steps)", printed next to its accuracy."""
-    if not settings:
-        return ""
-    if "components" in settings:
-        parts = " + ".join(c["name"] for c in settings["components"])
-        return f"{settings['label']} ({settings['version']}): {parts}"
-    if "queries" in settings:
-        return f"{settings['name']}, {settings['queries']} queries ({settings['alpha']})"
-    if isinstance(settings.get("alpha"), str):
-        targets = settings.get("target_classes")
-        extra = f", {targets} target classes" if targets else ""
-        return (
-            f"{settings['name']}, {settings['steps']} steps{extra} (step size {settings['alpha']})"
-        )
-    title = ATTACK_TITLES.get(settings.get("name"), settings.get("name", "?"))
-    steps, restarts = settings.get("steps", 1), settings.get("restarts", 1)
-    text = title if steps == 1 else f"{title}-{steps}"
-    if restarts > 1:
-        text += f" x{restarts}"
-    if settings.get("random_start") and steps == 1:
-        text += ", random start"
-    if settings.get("crafted_on"):
-        text += f" crafted on the {settings['crafted_on'].replace('_', ' ')}"
-    rule = settings.get("alpha_rule", "")
-    how = ", given" if rule == "given" else f" = {rule}" if rule else ""
-    return f"{text} (alpha {settings['alpha']:.4g}{how})"
-
-
-def format_table(report: EvalReport) -> str:
-    """A readable table: accuracy [95% CI] per eps and attack with the attack's steps and step
-    size, then FOSC and the warnings."""
-    lines = [f"{report.n} examples, norm {report.norm}, seed {report.seed}, {report.time_s:.1f} s"]
-    width = max([12, *(len(name) + 2 for r in report.results for name, _ in r.rows())])
-    header = f"{'eps':>8}  {'attack':<{width}}{'accuracy':>9}  {'95% CI':<17} settings"
-    lines += [header, "-" * len(header)]
-    for r in report.results:
-        for name, acc in r.rows():
-            lo, hi = acc.ci
-            note = attack_note(r.settings.get(name, {}))
-            lines.append(
-                f"{r.eps:>8.4g}  {name:<{width}}{acc.acc:>8.2%}  [{lo:6.2%}, {hi:6.2%}]  {note}"
-            )
-        if r.fosc:
-            f = r.fosc
-            lines.append(
-                f"{'':>8}  PGD final FOSC: mean {f['mean']:.4g}, median "
-                f"{f['median']:.4g}, p90 {f['p90']:.4g} (start: mean "
-                f"{f['first_step_mean']:.4g}); relative {f['relative_mean']:.3f} "
-                f"(start: {f['relative_first_mean']:.3f})"
-            )
-    if report.checks:
-        c = report.checks
-        lines.append(
-            f"large-eps check: eps {c['large_eps']:g}, PGD accuracy "
-            f"{c['large_eps_acc']:.1%} on {c['large_eps_n']} examples"
-        )
-    if report.warnings:
-        lines.append(f"WARNINGS ({len(report.warnings)}):")
-        lines += [f"  - {w}" for w in report.warnings]
-    elif report.settings.get("checks"):
-        lines.append("sanity checks: no sign of gradient masking")
-    return "\n".join(lines)

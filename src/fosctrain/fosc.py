@@ -13,11 +13,11 @@ All functions here return one value per sample.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fosctrain.errors import UserError
-
-NORMS = ("linf", "l2")
+from fosctrain.losses import input_gradient, objective
+from fosctrain.threat import BOUNDS, NORMS
 
 
 def fosc(
@@ -69,3 +69,39 @@ def fosc_stats(values: Tensor) -> dict[str, float]:
         "p90": q[2].item(),
         "max": v.max().item(),
     }
+
+
+def linear_range(x0: Tensor, grad: Tensor, eps: float, norm: str, fosc_box: bool) -> Tensor:
+    """Per example, max - min of the linearized loss <z, g> over the threat set around x0:
+    the largest value FOSC can take, used to make FOSC scale-free."""
+    g = grad.flatten(1)
+    if norm == "l2":
+        return 2 * eps * g.norm(dim=1)
+    if not fosc_box:
+        return 2 * eps * g.abs().sum(1)
+    lo = torch.clamp(x0 - eps, min=BOUNDS[0])
+    hi = torch.clamp(x0 + eps, max=BOUNDS[1])
+    return (g.abs() * (hi - lo).flatten(1)).sum(1)
+
+
+def point_fosc(
+    model: nn.Module,
+    x0: Tensor,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    norm: str = "linf",
+    fosc_box: bool = True,
+    loss: str = "ce",
+) -> tuple[Tensor, Tensor]:
+    """FOSC at the points x (threat set around x0) and relative FOSC: FOSC divided by the
+    range of the linearized loss over the threat set, in [0, 1]. A uniformly random point of
+    the set scores about 0.5 and a stationary point 0, whatever the gradient's scale; NaN
+    where the gradient is zero. Costs one input-gradient pass."""
+    grad, _, _ = input_gradient(model, x, y, objective(loss))
+    box = fosc_box and norm == "linf"
+    c = fosc(x, x0, grad, eps, norm, BOUNDS if box else None)
+    width = linear_range(x0, grad, eps, norm, box)
+    rel = torch.where(width > 0, c / width.clamp_min(1e-30), torch.full_like(c, float("nan")))
+    return c, rel

@@ -1,5 +1,5 @@
 """Machine-readable run logs: metrics.csv and metrics.jsonl (one row per epoch), rewritten
-atomically from the run's history, and optional TensorBoard scalars."""
+atomically from the run's history, the one reader of them, and optional TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -30,21 +30,57 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch rows of a run (from metrics.jsonl); NaN comes back as float('nan')."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """A run's per-epoch rows from metrics.jsonl (preferred) or metrics.csv.
+
+    A last line cut short (a run still writing) is skipped; any other bad line is an error.
+    """
+    run = Path(run_dir)
+    jsonl, csv_path = run / "metrics.jsonl", run / "metrics.csv"
+    if jsonl.is_file():
+        rows = _read_jsonl(jsonl)
+    elif csv_path.is_file():
+        rows = _read_csv(csv_path)
+    else:
+        raise UserError(f"{run}: no metrics.jsonl or metrics.csv; is it a training run directory?")
+    if not rows:
+        raise UserError(f"{run}: its metrics file has no epochs yet")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read run metrics ({e.strerror})") from None
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(lines):
         try:
             row = json.loads(line)
         except ValueError:
-            raise UserError(f"{path}:{i}: not a JSON line") from None
-        rows.append({k: math.nan if v is None else v for k, v in row.items()})
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}:{i + 1}: not a JSON line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{i + 1}: expected a JSON object per line")
+        rows.append(row)
     return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            raw = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    return [{k: _number(v) for k, v in row.items() if k is not None} for row in raw]
+
+
+def _number(value: object) -> object:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _fmt(v: Any) -> Any:

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain.attacks.engine import run_attack, validate
-from fosctrain.errors import UserError
-from fosctrain.evaluate import validate_eps
+from fosctrain.device import model_device
+from fosctrain.errors import UserError, check_positive
 from fosctrain.files import atomic_write_text
 from fosctrain.fosc import fosc_stats
+from fosctrain.threat import BOUNDS, check_norm, train_step_size, validate_eps
 
 CSV_COLUMNS = (
     "step",
@@ -30,7 +31,6 @@ CSV_COLUMNS = (
     "loss_mean",
     "accuracy",
 )
-BOUNDS = (0.0, 1.0)
 
 
 @dataclass
@@ -99,16 +99,14 @@ def measure_convergence(
     mean/median/p10/p90, mean attack loss and accuracy. alpha defaults to eps / 4 (the paper's
     setting); FOSC is the paper's closed form unless `fosc_box`."""
     (eps,) = validate_eps([eps], norm)
-    alpha = eps / 4 if alpha is None else alpha
+    alpha = train_step_size(eps, alpha)
     validate(eps, alpha, steps)
-    if norm not in ("linf", "l2"):
-        raise UserError(f"unknown norm {norm!r}; choose 'linf' or 'l2'")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_norm(norm)
+    check_positive("batch_size", batch_size, integer=True)
     if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
         raise UserError(f"need matching, non-empty x and y, got {x.shape[0]} and {y.shape[0]}")
     generator = torch.Generator().manual_seed(seed)
-    dev = _device(model)
+    dev = model_device(model)
     parts = []
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
@@ -131,11 +129,6 @@ def measure_convergence(
         "batch_size": batch_size,
     }
     return _summarize(fos, losses, correct, settings)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _trace_batch(

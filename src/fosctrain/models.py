@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fosctrain.errors import UserError
+from fosctrain.errors import UserError, check_positive
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {}
@@ -46,11 +46,11 @@ def create_model(
     factory = MODELS.get(name)
     if factory is None:
         raise UserError(f"unknown model {name!r}; expected one of: {', '.join(list_models())}")
-    _check_positive_int(num_classes, "num_classes")
+    check_positive("num_classes", num_classes, integer=True)
     mean, std = kwargs.pop("mean", None), kwargs.pop("std", None)
     _check_options(name, factory, kwargs)
     if in_channels is not None:
-        _check_positive_int(in_channels, "in_channels")
+        check_positive("in_channels", in_channels, integer=True)
         kwargs["in_channels"] = in_channels
     model = factory(num_classes=num_classes, **kwargs)
     if mean is None and std is None:
@@ -65,11 +65,6 @@ def create_model(
             f"model {name!r}: mean/std have {norm.mean.shape[1]} values, expected {allowed}"
         )
     return nn.Sequential(norm, model)
-
-
-def _check_positive_int(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{what} must be a positive integer, got {value!r}")
 
 
 def _check_options(name: str, factory: ModelFactory, options: dict) -> None:
@@ -122,7 +117,7 @@ def _init_weights(model: nn.Module, head: nn.Linear) -> None:
 
 def _pooled_size(input_size: int, pools: int, name: str) -> int:
     """Spatial size after `pools` 2x2 max-pools; UserError if the input is too small."""
-    _check_positive_int(input_size, "input_size")
+    check_positive("input_size", input_size, integer=True)
     size = input_size
     for _ in range(pools):
         size //= 2
@@ -275,7 +270,7 @@ def wide_resnet(
     depth: int, widen: int, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0
 ) -> nn.Module:
     """A WRN-depth-widen; depth must be 6n + 4 (e.g. 16, 28, 34)."""
-    _check_positive_int(widen, "widen")
+    check_positive("widen", widen, integer=True)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
         raise UserError(f"Wide ResNet depth must be 6n + 4 with n >= 1, got {depth!r}")
     if not 0.0 <= dropout < 1.0:
@@ -283,13 +278,19 @@ def wide_resnet(
     return WideResNet(depth, widen, num_classes, in_channels, dropout)
 
 
-def _register_wrn(depth: int, widen: int) -> None:
-    def factory(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
-        return wide_resnet(depth, widen, num_classes, in_channels, dropout)
-
-    factory.__doc__ = f"Wide ResNet {depth}-{widen}."
-    register(f"wrn-{depth}-{widen}")(factory)
+@register("wrn-16-4")
+def wrn_16_4(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
+    """Wide ResNet 16-4."""
+    return wide_resnet(16, 4, num_classes, in_channels, dropout)
 
 
-for _depth, _widen in ((16, 4), (28, 10), (34, 10)):
-    _register_wrn(_depth, _widen)
+@register("wrn-28-10")
+def wrn_28_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
+    """Wide ResNet 28-10."""
+    return wide_resnet(28, 10, num_classes, in_channels, dropout)
+
+
+@register("wrn-34-10")
+def wrn_34_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
+    """Wide ResNet 34-10 (the paper's CIFAR-10 model)."""
+    return wide_resnet(34, 10, num_classes, in_channels, dropout)

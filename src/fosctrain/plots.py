@@ -8,7 +8,6 @@ a half-written PNG.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -20,6 +19,7 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, LogLocator, NullForma
 
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_bytes
+from fosctrain.logs import read_metrics
 from fosctrain.measure import MeasureResult
 
 DPI = 120
@@ -119,59 +119,6 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
 
 
 # ---------------------------------------------------------------- runs against epochs
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """A run's per-epoch rows from metrics.jsonl (preferred) or metrics.csv.
-
-    A last line cut short (a run still writing) is skipped; any other bad line is an error.
-    """
-    run = Path(run_dir)
-    jsonl, csv_path = run / "metrics.jsonl", run / "metrics.csv"
-    if jsonl.is_file():
-        rows = _read_jsonl(jsonl)
-    elif csv_path.is_file():
-        rows = _read_csv(csv_path)
-    else:
-        raise UserError(f"{run}: no metrics.jsonl or metrics.csv; is it a training run directory?")
-    if not rows:
-        raise UserError(f"{run}: its metrics file has no epochs yet")
-    return rows
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    try:
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1:
-                break
-            raise UserError(f"{path}:{i + 1}: not a JSON line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{i + 1}: expected a JSON object per line")
-        rows.append(row)
-    return rows
-
-
-def _read_csv(path: Path) -> list[dict]:
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            raw = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
-    return [{k: _number(v) for k, v in row.items() if k is not None} for row in raw]
-
-
-def _number(value: object) -> object:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return value
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

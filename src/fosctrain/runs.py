@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fosctrain.checkpoint import load_weights
 from fosctrain.errors import UserError
 from fosctrain.models import create_model
+from fosctrain.weights import load_weights
 
 try:
     import fcntl

@@ -44,6 +44,7 @@ from fosctrain.data import (
     load_dataset,
     random_crop_flip,
 )
+from fosctrain.device import select_device
 from fosctrain.distributed import SUM_KEYS, Dist
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
@@ -112,18 +113,6 @@ class Trainer:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool, overwrite: bool) -> Config:

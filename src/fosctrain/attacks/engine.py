@@ -16,8 +16,6 @@ point (x_start), so nobody needs to replay the engine's random draws.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain.attacks.stopping import StoppingRule
-from fosctrain.errors import UserError
+from fosctrain.errors import UserError, check_positive
 from fosctrain.fosc import fosc, fosc_stats
 from fosctrain.losses import input_gradient, objective
+from fosctrain.threat import BOUNDS, check_norm
 
 
 @dataclass
@@ -83,20 +82,9 @@ def validate(eps: float, alpha: float, steps: int) -> tuple[float, float, int]:
     """The budget as (float, float, int), or one clear line for a value that makes no sense.
     NumPy scalars are welcome; booleans are not numbers here."""
 
-    def positive(value, integer: bool) -> bool:
-        kind = numbers.Integral if integer else numbers.Real
-        if isinstance(value, bool) or not isinstance(value, kind):
-            return False
-        return (
-            math.isfinite(value) and value >= 1 if integer else math.isfinite(value) and value > 0
-        )
-
-    if not positive(eps, False):
-        raise UserError(f"eps must be a positive finite number, got {eps!r}")
-    if not positive(alpha, False):
-        raise UserError(f"step size must be a positive finite number, got {alpha!r}")
-    if not positive(steps, True):
-        raise UserError(f"steps must be an integer >= 1, got {steps!r}")
+    check_positive("eps", eps)
+    check_positive("step size", alpha)
+    check_positive("steps", steps, integer=True)
     return float(eps), float(alpha), int(steps)
 
 
@@ -177,7 +165,7 @@ def run_attack(
     random_init: bool = True,
     stop: StoppingRule | None = None,
     min_steps: int = 0,
-    bounds: tuple[float, float] = (0.0, 1.0),
+    bounds: tuple[float, float] = BOUNDS,
     fosc_box: bool = False,
     fosc_from_start: bool = False,
     final_fosc: bool = False,
@@ -198,8 +186,7 @@ def run_attack(
     `y` holds the target labels when `targeted`. `observer` sees every evaluation.
     """
     eps, alpha, steps = validate(eps, alpha, steps)
-    if norm not in ("linf", "l2"):
-        raise UserError(f"unknown norm {norm!r}; choose 'linf' or 'l2'")
+    check_norm(norm)
     if fosc_box and norm != "linf":
         raise UserError("box-exact FOSC is only defined for norm='linf'")
     f_obj = objective(loss, targeted)

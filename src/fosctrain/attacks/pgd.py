@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fosctrain.attacks.engine import AttackResult, Observer, Sampler, run_attack
 from fosctrain.attacks.engine import random_start as uniform_start
 from fosctrain.attacks.stopping import StoppingRule
+from fosctrain.threat import train_step_size
 
 
 @dataclass
@@ -41,7 +42,7 @@ class PGD:
 
     @property
     def step_size(self) -> float:
-        return self.eps / 4 if self.alpha is None else self.alpha
+        return train_step_size(self.eps, self.alpha)
 
     def __call__(
         self,

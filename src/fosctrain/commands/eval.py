@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from fosctrain.autoattack import VERSIONS
 from fosctrain.data import fixed_subset, load_dataset
-from fosctrain.errors import UserError
+from fosctrain.device import select_device
+from fosctrain.errors import UserError, check_positive
 from fosctrain.evaluate import (
     ATTACK_NAMES,
     L2_ATTACKS,
@@ -75,19 +76,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 
 
-def pick_device(name: str | None) -> torch.device:
-    """The requested device, or cuda when available; UserError for an unusable one."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"bad --device {name!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available here")
-    return device
-
-
 def load_target(target: str, which: str, device: torch.device) -> tuple[LoadedModel, Path]:
     """The model of a run directory or checkpoint file, and its run directory."""
     run_dir, ckpt = resolve_checkpoint(target, which)
@@ -100,11 +88,10 @@ def load_target(target: str, which: str, device: torch.device) -> tuple[LoadedMo
     return load_model(ckpt, which=which, config=config, device=device), run_dir
 
 
-def test_data(config: dict, dataset: str | None, data_dir: str | None, n: int) -> tuple:
+def load_test_examples(config: dict, dataset: str | None, data_dir: str | None, n: int) -> tuple:
     """A fixed mixed-class subset of n examples (all, for n >= its size) of the test split of
     the run's (or the given) dataset: the first n of a class-sorted file would be one class."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"--n must be a positive integer, got {n!r}")
+    check_positive("--n", n, integer=True)
     name = dataset or config.get("dataset")
     if not name:
         raise UserError("the run's config names no dataset; give --dataset")
@@ -138,12 +125,12 @@ def _source_model(source: str | None, which: str, device: torch.device) -> nn.Mo
 
 
 def run(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
+    device = select_device(args.device)
     loaded, run_dir = load_target(args.target, args.which, device)
     config = loaded.config
     norm = config.get("norm", "linf")
     attacks = args.attacks or (ATTACK_NAMES if norm == "linf" else L2_ATTACKS)
-    x, y = test_data(config, args.dataset, args.data_dir, args.n)
+    x, y = load_test_examples(config, args.dataset, args.data_dir, args.n)
     source = _source_model(args.source, args.which, device)
     report = evaluate(
         loaded.model,

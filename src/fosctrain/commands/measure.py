@@ -17,9 +17,9 @@ from fosctrain.commands.eval import (
     default_eps,
     free_stem,
     load_target,
-    pick_device,
-    test_data,
+    load_test_examples,
 )
+from fosctrain.device import select_device
 from fosctrain.errors import UserError
 from fosctrain.measure import format_measure, measure_convergence, write_measure
 from fosctrain.plots import plot_measure
@@ -46,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
+    device = select_device(args.device)
     loaded, run_dir = load_target(args.target, args.which, device)
     config = loaded.config
     eps = default_eps(config, None if args.eps is None else [args.eps])
     if len(eps) != 1:
         raise UserError("the run's config has several eps; give one with --eps")
-    x, y = test_data(config, args.dataset, args.data_dir, args.n)
+    x, y = load_test_examples(config, args.dataset, args.data_dir, args.n)
     result = measure_convergence(
         loaded.model,
         x,

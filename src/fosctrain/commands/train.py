@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fosctrain.config import FIELDS, PRESETS, Config, resolve
-from fosctrain.errors import UserError
+from fosctrain.errors import UserError, check_positive
 
 
 def _optional(kind):
@@ -156,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and (args.preset or args.config):
         raise UserError("--resume takes the run's own configuration; drop --preset/--config")
-    if args.checkpoint_every < 0:
-        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    check_positive("--checkpoint-every", args.checkpoint_every, integer=True, zero_ok=True)
     config = (
         resume_config(args) if args.resume else resolve(args.preset, args.config, overrides(args))
     )

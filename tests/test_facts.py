@@ -1,0 +1,97 @@
+"""Each fact the code relies on is stated once: the method names, the norms, the pixel box, the
+default step sizes, the positive-number check, the device picker, the config hash, the metrics
+reader; and no library function looks like a test."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fosctrain import config, methods
+from fosctrain.attacks import PGD, PGDL2
+from fosctrain.device import select_device
+from fosctrain.errors import UserError, check_positive
+from fosctrain.fosc import fosc
+from fosctrain.threat import NORMS, eval_step_size, train_step_size
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fosctrain"
+
+
+def test_the_methods_registry_has_exactly_the_configured_names():
+    assert sorted(methods.METHODS) == sorted(config.METHODS)
+
+
+def test_default_step_sizes_come_from_one_place():
+    c = config.Config(eps=0.3, steps=10, eval_steps=20)
+    assert c.step_size == train_step_size(0.3) == pytest.approx(0.075)
+    assert c.eval_step_size == eval_step_size(0.3, 20) == pytest.approx(0.0375)
+    assert PGD(eps=0.3).step_size == PGDL2(eps=0.3).step_size == train_step_size(0.3)
+    assert config.Config(alpha=0.01).step_size == train_step_size(0.3, 0.01) == 0.01
+
+
+def test_every_norm_is_accepted_everywhere_and_nothing_else():
+    x = torch.rand(2, 1, 3, 3)
+    for norm in NORMS:
+        config.validate(config.Config(norm=norm, eps=0.3))
+        assert fosc(x, x, torch.ones_like(x), 0.1, norm).shape == (2,)
+    with pytest.raises(UserError, match="unknown norm"):
+        fosc(x, x, torch.ones_like(x), 0.1, "l1")
+
+
+@pytest.mark.parametrize(
+    ("value", "options", "ok"),
+    [
+        (1, {"integer": True}, True),
+        (0, {"integer": True}, False),
+        (0, {"integer": True, "zero_ok": True}, True),
+        (2.5, {"integer": True}, False),
+        (True, {"integer": True}, False),
+        (1e-9, {}, True),
+        (0.0, {}, False),
+        (float("nan"), {}, False),
+        (float("inf"), {}, False),
+        ("3", {}, False),
+    ],
+)
+def test_check_positive(value, options, ok):
+    if ok:
+        assert check_positive("x", value, **options) == value
+    else:
+        with pytest.raises(UserError, match=r"^x must be"):
+            check_positive("x", value, **options)
+
+
+def test_one_device_picker():
+    assert select_device("auto") == select_device(None) == select_device()
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="unknown device"):
+        select_device("warp-drive")
+
+
+def test_config_hash_is_the_one_run_directories_recorded():
+    c = config.Config(eps=0.2, device="cpu", threads=1)
+    d = {k: v for k, v in c.to_dict().items() if k not in config.RUNTIME_FIELDS}
+    recorded = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert c.hash() == config.config_hash(d) == recorded
+    assert config.Config(eps=0.2, device="cuda").hash() == c.hash()
+
+
+def test_one_metrics_reader():
+    from fosctrain import logs, plots
+
+    assert plots.read_metrics is logs.read_metrics
+
+
+def test_no_library_function_is_named_like_a_test():
+    found = [
+        f"{path.relative_to(SRC)}:{node.lineno} {node.name}"
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test")
+    ]
+    assert found == []
