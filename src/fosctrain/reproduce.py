@@ -22,7 +22,11 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import multiprocessing
+import os
 import shlex
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,6 +235,19 @@ def measure_run(run_dir: Path, n: int, steps: int) -> None:
     write_measure(result, run_dir / MEASURE_DIR)
 
 
+def watch_parent(parent_pid: int, interval: float = 2.0) -> None:
+    """Worker initializer: SIGTERM this worker once its parent (the runner) is gone, so a killed
+    `fosc reproduce` leaves no orphan training on (a run saves its state on SIGTERM and resumes
+    with the next `fosc reproduce`)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+
+
 def _job(config: Config, run_dir: Path, spec: EvalSpec) -> None:
     """One run in a worker process, on config.threads torch threads (training and evaluation)."""
     torch.set_num_threads(config.threads or 1)
@@ -267,7 +284,10 @@ def run_plan(plan: Plan, jobs: int = 1, threads: int = 1, log=print) -> dict[str
             torch.set_num_threads(before)
         return failures
     context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    pool = cf.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=watch_parent, initargs=(os.getpid(),)
+    )
+    with pool:
         futures = {
             pool.submit(_job, plan.config(run, threads), run.dir, run.spec): run for run in todo
         }
