@@ -49,8 +49,6 @@ from fosctrain.run import (
 )
 from fosctrain.schedules import lr_factor
 
-__all__ = ["Interrupted", "TrainingError", "build_trainer", "fit", "pgd_accuracy", "train"]
-
 CALIBRATION_SAMPLES = 512
 
 
@@ -209,47 +207,71 @@ def _epoch_order(tr: Trainer) -> Tensor:
 
 def run_epoch(tr: Trainer, epoch: int) -> None:
     """Train one epoch (or what is left of it), accumulating statistics in tr.state.partial."""
-    cfg, st = tr.config, tr.state
     order = _epoch_order(tr)
-    bs = cfg.batch_size
-    n_batches = math.ceil(len(order) / bs)
+    n_batches = math.ceil(len(order) / tr.config.batch_size)
+    set_lr(tr, epoch)
+    bar = _progress_bar(tr, epoch, n_batches)
+    clock = time.perf_counter()
+    for b in bar:
+        x, y, t, (lo, hi, n) = batch_shard(tr, order, epoch, b, n_batches)
+        stats = train_batch(tr, x, y, t, epoch, n, tr.dist.random_starts(lo, hi, n))
+        stats, stop = tr.dist.reduce_batch(stats, lo, hi, n, tr.stop_requested)
+        clock = record_batch(tr, b, stats, clock)
+        bar.set_postfix(_postfix(tr.state.partial), refresh=False)
+        if stop:
+            save(tr)
+            raise Interrupted(f"stopped at epoch {epoch + 1}, batch {b + 1}; state saved")
+        if tr.checkpoint_every and (b + 1) % tr.checkpoint_every == 0 and b + 1 < n_batches:
+            save(tr)
+    bar.close()
+
+
+def set_lr(tr: Trainer, epoch: int) -> None:
+    """The epoch's learning rate (the schedule is a pure function of the epoch)."""
+    cfg = tr.config
     lr = cfg.lr * lr_factor(epoch, cfg.lr_schedule, cfg.epochs, cfg.lr_milestones, cfg.lr_gamma)
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
-    start = time.perf_counter()
-    bar = progress.bar(
-        range(st.batch, n_batches),
+
+
+def batch_shard(
+    tr: Trainer, order: Tensor, epoch: int, b: int, n_batches: int
+) -> tuple[Tensor, Tensor, float, tuple[int, int, int]]:
+    """Batch b of the epoch: this rank's rows (x, y) on the device (augmented with --augment),
+    the training time t, and (lo, hi, n): the rows' place in the global batch of n."""
+    cfg = tr.config
+    idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+    x, y = tr.data.x_train[idx], tr.data.y_train[idx]
+    if cfg.augment:
+        x = random_crop_flip(x, tr.generator)
+    t = epoch + b / n_batches if cfg.schedule_unit == "iteration" else float(epoch)
+    lo, hi = tr.dist.shard(len(idx))  # this rank's rows of the global batch (all of them)
+    return x[lo:hi].to(tr.device), y[lo:hi].to(tr.device), t, (lo, hi, len(idx))
+
+
+def record_batch(tr: Trainer, b: int, stats: dict[str, Any], clock: float) -> float:
+    """Add a batch's (all-rank) statistics and time to the epoch's; returns the new clock."""
+    st = tr.state
+    for k in SUM_KEYS:
+        st.partial[k] = st.partial.get(k, 0) + stats.get(k, 0)
+    st.fosc_values += stats.get("fosc", [])
+    st.batch = b + 1
+    now = time.perf_counter()
+    st.partial["time"] = st.partial.get("time", 0.0) + now - clock
+    return now
+
+
+def _progress_bar(tr: Trainer, epoch: int, n_batches: int):
+    """The epoch's bar (a plain iterator of batch indices where no bar is drawn)."""
+    return progress.bar(
+        range(tr.state.batch, n_batches),
         enabled=tr.progress,
-        desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        initial=st.batch,
+        desc=f"epoch {epoch + 1}/{tr.config.epochs}",
+        initial=tr.state.batch,
         total=n_batches,
         leave=False,
         dynamic_ncols=True,
     )
-    for b in bar:
-        idx = order[b * bs : (b + 1) * bs]
-        x, y = tr.data.x_train[idx], tr.data.y_train[idx]
-        if cfg.augment:
-            x = random_crop_flip(x, tr.generator)
-        t = epoch + b / n_batches if cfg.schedule_unit == "iteration" else float(epoch)
-        lo, hi = tr.dist.shard(len(idx))  # this rank's rows of the global batch (all of them)
-        x, y = x[lo:hi].to(tr.device), y[lo:hi].to(tr.device)
-        sampler = tr.dist.random_starts(lo, hi, len(idx))
-        stats = train_batch(tr, x, y, t, epoch, len(idx), sampler)
-        stats, stop = tr.dist.reduce_batch(stats, lo, hi, len(idx), tr.stop_requested)
-        for k in SUM_KEYS:
-            st.partial[k] = st.partial.get(k, 0) + stats.get(k, 0)
-        st.fosc_values += stats.get("fosc", [])
-        st.batch = b + 1
-        st.partial["time"] = st.partial.get("time", 0.0) + time.perf_counter() - start
-        start = time.perf_counter()
-        bar.set_postfix(_postfix(st.partial), refresh=False)
-        if stop:
-            save(tr)
-            raise Interrupted(f"stopped at epoch {epoch + 1}, batch {b + 1}; state saved")
-        if tr.checkpoint_every and st.batch % tr.checkpoint_every == 0 and st.batch < n_batches:
-            save(tr)
-    bar.close()
 
 
 def _postfix(p: dict[str, float]) -> dict[str, str]:
