@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from fosctrain import cli
+from fosctrain import run as run_mod
 from fosctrain import train as train_mod
 from fosctrain.attacks import PGD, PGDL2
 from fosctrain.checkpoint import load_checkpoint
@@ -233,11 +234,11 @@ def test_sharded_random_starts_are_the_global_draw(linear_model, attack):
 
 def test_world_size_limits_are_user_errors():
     cfg = resolve(overrides={**RUN, "batch_size": 50})  # 128 = 2 x 50 + 28
-    train_mod._check_world(cfg, Dist(world=28), 128)
+    run_mod.check_world(cfg, Dist(world=28), 128)
     with pytest.raises(UserError, match="at least 29 rows"):
-        train_mod._check_world(cfg, Dist(world=29), 128)
+        run_mod.check_world(cfg, Dist(world=29), 128)
     with pytest.raises(UserError, match="sync-bn needs CUDA"):
-        train_mod._check_world(resolve(overrides={"sync_bn": True}), Dist(world=2), 128)
+        run_mod.check_world(resolve(overrides={"sync_bn": True}), Dist(world=2), 128)
 
 
 def _final(tmp_path, name, **kw):

@@ -29,6 +29,7 @@ import safetensors.torch
 import torch
 
 from fosctrain import cli
+from fosctrain import run as run_mod
 from fosctrain import train as train_mod
 from fosctrain.checkpoint import (
     CheckpointError,
@@ -134,7 +135,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def _config_hash(run_dir: Path) -> str:
-    return train_mod._stored_config(run_dir).hash()
+    return run_mod.stored_config(run_dir).hash()
 
 
 @pytest.fixture(scope="module")

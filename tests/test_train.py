@@ -143,13 +143,13 @@ def test_resume_with_other_config_is_refused(tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     cfg = small(method="natural", epochs=2)
-    real = methods.Natural.loss
+    real = methods.Natural.training_loss
 
     def poisoned(self, model, x, x_adv, y, epoch):
         values, logits = real(self, model, x, x_adv, y, epoch)
         return (values * math.nan if epoch == 1 else values), logits
 
-    monkeypatch.setattr(methods.Natural, "loss", poisoned)
+    monkeypatch.setattr(methods.Natural, "training_loss", poisoned)
     with pytest.raises(train_mod.TrainingError, match="non-finite"):
         train_mod.train(cfg, tmp_path / "r", progress=False)
     meta = json.loads((tmp_path / "r" / "last.json").read_text())

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from fosctrain import run as run_mod
 from fosctrain import train as train_mod
 from fosctrain.attacks import PGDL2
 from fosctrain.checkpoint import load_latest_valid
@@ -81,8 +82,8 @@ def test_l2_fosc_is_the_l2_formula(batch):
 def test_l2_calibration_and_per_epoch_test_use_l2(batch, monkeypatch):
     model, x, y = batch
     m = create_method(small(method="dat", norm="l2", eps=2.0))
-    c_max = m.calibrate(model, x, y, torch.Generator().manual_seed(0))
-    assert c_max > 0
+    assert "c_max auto" in m.calibrate(model, x, y, torch.Generator().manual_seed(0))
+    assert m.c_max > 0
     built = []
     real = train_mod.pgd_class
     monkeypatch.setattr(train_mod, "pgd_class", lambda norm: built.append(real(norm)) or real(norm))
@@ -124,12 +125,12 @@ def test_validation_slice_is_stratified_disjoint_and_fixed():
 
 def test_run_trains_on_nothing_it_validates_on():
     config = small(train_n=0, val_n=200)
-    data = train_mod.load_data(config)
+    data = run_mod.load_data(config)
     assert len(data.y_train) == 3800 and len(data.y_val) == 200
     train_rows = {bytes(r.numpy()) for r in data.x_train.flatten(1)}
     assert not any(bytes(r.numpy()) in train_rows for r in data.x_val.flatten(1))
     assert torch.bincount(data.y_val, minlength=10).tolist() == [20] * 10
-    other_seed = train_mod.load_data(small(train_n=0, val_n=200, seed=7))
+    other_seed = run_mod.load_data(small(train_n=0, val_n=200, seed=7))
     assert torch.equal(other_seed.x_val, data.x_val)
 
 

@@ -110,9 +110,9 @@ def run_dir_for(args: argparse.Namespace, config: Config) -> Path:
 
 def resume_config(args: argparse.Namespace) -> Config:
     """On --resume the run's own config, with any options given checked against it later."""
-    from fosctrain.train import _stored_config
+    from fosctrain.run import stored_config
 
-    stored = _stored_config(Path(args.resume))
+    stored = stored_config(Path(args.resume))
     given = overrides(args)
     return dataclasses.replace(stored, **given) if given else stored
 
