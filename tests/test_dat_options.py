@@ -355,8 +355,9 @@ def test_first_batches_spans_batches_and_its_state_resumes_it(digits):
 
 
 def test_first_batches_trains_as_madry_while_it_measures(tmp_path, capsys):
-    """An epoch of calibration batches is Madry's epoch: the same weights and evaluations;
-    then DAT's rule is on (c_t from c_max). The log names c_max and the share that would have stopped."""
+    """An epoch of calibration batches is Madry's epoch: the same loss, accuracy, FOSC and
+    evaluations; then DAT's rule is on (c_t from c_max). The log names c_max and the share
+    of examples that would have stopped."""
     runs = {}
     for method, extra in (("madry", {}), ("dat", {"c_max_calibration": "first-batches",
                                                   "calibration_batches": 2})):  # fmt: skip
