@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fosctrain import __version__
+from fosctrain import __version__, cli
 from fosctrain.cli import main
 
 TINY = [
@@ -126,3 +126,12 @@ def test_resume_of_finished_run_and_mismatched_options(tmp_path, capsys):
     assert "clean accuracy" in capsys.readouterr().out
     assert main(["train", "--resume", str(tmp_path / "r"), "--model", "cifar-cnn8"]) == 2
     assert "different configuration" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("verb", sorted(cli.VERBS))
+def test_every_verb_has_working_help(verb, capsys):
+    """argparse %-formats help texts: a bare '%' in one (e.g. '12.5%') crashes --help."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: fosc " + verb in capsys.readouterr().out

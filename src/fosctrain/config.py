@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from fosctrain.errors import UserError, check_positive
+from fosctrain.schedules import DECAY_SHAPES
 from fosctrain.threat import NORMS, eval_step_size, train_step_size, validate_eps
 
 # the training methods' names, stated once; fosctrain.methods registers a class under each
 METHODS = ("natural", "madry", "cat", "dat", "fat", "trades", "fast")
+C_MODES = ("c_max", "quantile")  # DAT's target: c_max x decay, or a batch FOSC quantile
+CALIBRATIONS = ("initial", "first-batches")  # how DAT's --c-max auto is measured
 VAL_N = 500  # chosen by measurement on mnist5k: see the val_n help and README
 
 
@@ -60,7 +63,45 @@ class Config:
         default="auto", metadata={"help": "DAT: FOSC target at epoch 0, or auto"}
     )
     c_max_quantile: float = field(
-        default=0.5, metadata={"help": "DAT --c-max auto: quantile of step-1 FOSC at the start"}
+        default=0.5,
+        metadata={
+            "help": "DAT --c-max auto: the quantile of the measured FOSC that becomes c_max; "
+            "--c-mode quantile: the batch quantile q at epoch 0"
+        },
+    )
+    c_max_calibration: str = field(
+        default="initial",
+        metadata={
+            "help": "DAT --c-max auto: initial (step-1 FOSC on the initial model, fresh "
+            "BatchNorm statistics) or first-batches (the FOSC at the rule's first check over "
+            "the first --calibration-batches training batches, trained as full PGD-K)"
+        },
+    )
+    calibration_batches: int = field(
+        default=10,
+        metadata={"help": "DAT --c-max-calibration first-batches: batches it measures"},
+    )
+    c_schedule: str = field(
+        default="linear",
+        metadata={"help": "DAT: decay of the target over T': linear (paper) or cosine"},
+    )
+    c_mode: str = field(
+        default="c_max",
+        metadata={
+            "help": "DAT target: c_max (c_t = c_max x decay) or quantile (c_t = the q_t-quantile "
+            "of each batch's FOSC at the first check, q_t = c_max_quantile x decay; c_max unused)"
+        },
+    )
+    fosc_relative: bool = field(
+        default=False,
+        metadata={
+            "help": "DAT: stop on the scale-free relative FOSC, c / (eps ||g||_1) (L2: "
+            "||g||_2; --fosc-box: the box's half range) in [0, 2], instead of FOSC itself"
+        },
+    )
+    dat_min_steps: int = field(
+        default=0,
+        metadata={"help": "DAT: steps every sample takes before the rule may stop it"},
     )
     t_prime: int | None = field(
         default=None, metadata={"help": "DAT/CAT/FAT: epochs T' the schedule takes (default 5T/6)"}
@@ -83,8 +124,9 @@ class Config:
         default=VAL_N,
         metadata={
             "help": "training examples held out (fixed, stratified) for per-epoch validation "
-            "and `best` (0: none, then no `best`); 500 (12.5% of mnist5k's 4,000 digits) gives "
-            "robust accuracy near 80% a standard error of 1.8 points (200: 2.8, 1,000: 1.3), "
+            "and `best` (0: none, then no `best`); 500 (one eighth of mnist5k's 4,000 digits) "
+            "gives robust accuracy near 80 percent a standard error of 1.8 points (200: 2.8, "
+            "1,000: 1.3), "
             "and its PGD costs about the training passes of the examples it holds out"
         },
     )
@@ -237,6 +279,22 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
         raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
+def _validate_dat(c: Config) -> None:
+    """DAT's target options (issue 13)."""
+    _choice("c schedule", c.c_schedule, DECAY_SHAPES)
+    _choice("c mode", c.c_mode, C_MODES)
+    _choice("c_max calibration", c.c_max_calibration, CALIBRATIONS)
+    check_positive("calibration_batches", c.calibration_batches, integer=True)
+    if c.fosc_relative and c.c_max != "auto" and c.c_max > 2:
+        raise UserError(f"--fosc-relative: c_max is a relative FOSC in [0, 2], got {c.c_max}")
+    check_positive("dat_min_steps", c.dat_min_steps, integer=True, zero_ok=True)
+    if c.dat_min_steps >= c.steps:
+        raise UserError(
+            f"dat_min_steps must be below steps ({c.steps}), got {c.dat_min_steps}: "
+            "the rule would never be checked"
+        )
+
+
 def validate(c: Config) -> None:
     """Raise UserError (one line) for any value that cannot work."""
     from fosctrain.data import DATASET_NAMES
@@ -272,6 +330,7 @@ def validate(c: Config) -> None:
         check_positive("c_max", c.c_max, zero_ok=True)
     if not 0 < c.c_max_quantile < 1:
         raise UserError(f"c_max_quantile must be in (0, 1), got {c.c_max_quantile}")
+    _validate_dat(c)
     if not isinstance(c.lr_milestones, list) or not all(
         isinstance(m, int) and m > 0 for m in c.lr_milestones
     ):

@@ -42,7 +42,16 @@ T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
 
 # Statistics of one training batch that are summed over ranks (fosctrain.train.train_batch).
-SUM_KEYS = ("loss_sum", "correct", "n", "train_evals", "attack_evals", "steps_sum", "skipped")
+SUM_KEYS = (
+    "loss_sum",
+    "correct",
+    "n",
+    "train_evals",
+    "attack_evals",
+    "steps_sum",
+    "stopped_sum",
+    "skipped",
+)
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 

@@ -26,7 +26,7 @@ import torch
 
 from fosctrain.attacks import PGD
 from fosctrain.config import Config
-from fosctrain.methods import DAT, create_method
+from fosctrain.methods import create_method
 from fosctrain.runs import build_model
 
 AUTOATTACK_GRADS = 3500
@@ -39,9 +39,7 @@ SAMPLES_PER_EPOCH = 20  # schedule points per epoch for iteration-unit schedules
 
 def attack_steps(config: Config) -> float:
     """Attack steps per training example, summed over training (an upper bound with rules)."""
-    method = create_method(config)
-    if isinstance(method, DAT) and method.c_max is None:
-        method.c_max = 0.0  # --c-max auto: calibrated in training; the step count ignores it
+    method = create_method(config)  # DAT before c_max auto is measured: PGD-K, no rule
     per = SAMPLES_PER_EPOCH if config.schedule_unit == "iteration" else 1
     total = 0.0
     for epoch in range(config.epochs):

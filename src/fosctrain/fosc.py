@@ -17,7 +17,12 @@ from torch import Tensor, nn
 
 from fosctrain.errors import UserError
 from fosctrain.losses import input_gradient, objective
-from fosctrain.threat import BOUNDS, NORMS
+from fosctrain.threat import BOUNDS, NORMS, check_norm
+
+
+def _box(x0: Tensor, eps: float, bounds: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """The corners l, h of the eps-box around x0 intersected with the pixel box."""
+    return torch.clamp(x0 - eps, min=bounds[0]), torch.clamp(x0 + eps, max=bounds[1])
 
 
 def fosc(
@@ -45,8 +50,7 @@ def fosc(
         raise UserError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
     g = grad.flatten(1)
     if norm == "linf" and bounds is not None:
-        lo = torch.clamp(x0 - eps, min=bounds[0])
-        hi = torch.clamp(x0 + eps, max=bounds[1])
+        lo, hi = _box(x0, eps, bounds)
         vertex = torch.where(grad > 0, hi, lo)
         return ((vertex - x).flatten(1) * g).sum(1)
     if bounds is not None:
@@ -71,17 +75,58 @@ def fosc_stats(values: Tensor) -> dict[str, float]:
     }
 
 
-def linear_range(x0: Tensor, grad: Tensor, eps: float, norm: str, fosc_box: bool) -> Tensor:
-    """Per example, max - min of the linearized loss <z, g> over the threat set around x0:
-    the largest value FOSC can take, used to make FOSC scale-free."""
+def fosc_half_range(
+    x0: Tensor,
+    grad: Tensor,
+    eps: float,
+    norm: str = "linf",
+    bounds: tuple[float, float] | None = None,
+) -> Tensor:
+    """Half of max - min of the linearized loss <z, g> over the threat set around x0, per
+    sample: eps * ||g||_1 (L-inf), eps * ||g||_2 (L2) or, box-aware (norm="linf",
+    bounds=(lo, hi)), sum_i |g_i| (h_i - l_i) / 2 with l, h as in `fosc`. FOSC lies in
+    [0, 2 * this] at points of the set, and equals it at x0 (paper form and L2)."""
+    check_norm(norm)
     g = grad.flatten(1)
-    if norm == "l2":
-        return 2 * eps * g.norm(dim=1)
-    if not fosc_box:
-        return 2 * eps * g.abs().sum(1)
-    lo = torch.clamp(x0 - eps, min=BOUNDS[0])
-    hi = torch.clamp(x0 + eps, max=BOUNDS[1])
-    return (g.abs() * (hi - lo).flatten(1)).sum(1)
+    if norm == "linf" and bounds is not None:
+        lo, hi = _box(x0, eps, bounds)
+        return 0.5 * (g.abs() * (hi - lo).flatten(1)).sum(1)
+    if bounds is not None:
+        raise UserError("box-exact FOSC is only defined for norm='linf'")
+    return eps * (g.abs().sum(1) if norm == "linf" else g.norm(dim=1))
+
+
+def linear_range(x0: Tensor, grad: Tensor, eps: float, norm: str, fosc_box: bool) -> Tensor:
+    """Per example, max - min of the linearized loss <z, g> over the threat set around x0
+    (`fosc_box`: L-inf ball intersected with the pixel box): the largest value FOSC can take."""
+    box = fosc_box and norm == "linf"
+    return 2 * fosc_half_range(x0, grad, eps, norm, BOUNDS if box else None)
+
+
+def _ratio(c: Tensor, scale: Tensor, where_zero: float) -> Tensor:
+    """c / scale per sample, `where_zero` where the scale is 0 (no gradient, no room)."""
+    return torch.where(scale > 0, c / scale.clamp_min(1e-30), torch.full_like(c, where_zero))
+
+
+def relative_fosc(
+    x: Tensor,
+    x0: Tensor,
+    grad: Tensor,
+    eps: float,
+    norm: str = "linf",
+    bounds: tuple[float, float] | None = None,
+) -> Tensor:
+    """Scale-free FOSC per sample, in [0, 2] at points of the threat set (beyond the paper):
+
+        c / (eps * ||g||_1)   (L-inf),   c / (eps * ||g||_2)   (L2),
+        c / fosc_half_range   (box-aware L-inf)
+
+    1 at x0 (paper form and L2), 0 at a stationary point, and unchanged when the loss (so g) is
+    multiplied by a positive constant, so one target means the same for every model, data set
+    and eps. DAT's `--fosc-relative` stops on it. 0 where the half range is 0 (g = 0, or no
+    room to move): c is 0 there too, a stationary point for the rule."""
+    c = fosc(x, x0, grad, eps, norm, bounds)
+    return _ratio(c, fosc_half_range(x0, grad, eps, norm, bounds), 0.0)
 
 
 def point_fosc(
@@ -96,12 +141,10 @@ def point_fosc(
     loss: str = "ce",
 ) -> tuple[Tensor, Tensor]:
     """FOSC at the points x (threat set around x0) and relative FOSC: FOSC divided by the
-    range of the linearized loss over the threat set, in [0, 1]. A uniformly random point of
-    the set scores about 0.5 and a stationary point 0, whatever the gradient's scale; NaN
-    where the gradient is zero. Costs one input-gradient pass."""
+    range of the linearized loss over the threat set, in [0, 1] (half of `relative_fosc`).
+    A uniformly random point of the set scores about 0.5 and a stationary point 0, whatever
+    the gradient's scale; NaN where the gradient is zero. Costs one input-gradient pass."""
     grad, _, _ = input_gradient(model, x, y, objective(loss))
     box = fosc_box and norm == "linf"
     c = fosc(x, x0, grad, eps, norm, BOUNDS if box else None)
-    width = linear_range(x0, grad, eps, norm, box)
-    rel = torch.where(width > 0, c / width.clamp_min(1e-30), torch.full_like(c, float("nan")))
-    return c, rel
+    return c, _ratio(c, linear_range(x0, grad, eps, norm, box), float("nan"))

@@ -18,10 +18,10 @@ In a user's loop (the drop-in API; README "Drop-in: your own loop"):
 
 The training loop meets every method through the same hooks, with no-op defaults here:
 `step` (the batch and its per-sample losses), `calibrate` (once, on the initial model),
-`state` / `load_state` (saved in each checkpoint), `extra_metrics` (metrics columns) and
-`fosc_target`. With `norm = "l2"` every attack is its L2 form (PGDL2: normalized-gradient
-steps, projection onto the L2 ball, L2 FOSC), so DAT's threshold and `--c-max auto` work on
-the L2 FOSC.
+`state` / `load_state` (saved in each checkpoint), `extra_metrics` (metrics columns),
+`note` (a line for the log after a step) and `fosc_target`. With `norm = "l2"` every attack
+is its L2 form (PGDL2: normalized-gradient steps, projection onto the L2 ball, L2 FOSC), so
+DAT's threshold and `--c-max auto` work on the L2 FOSC.
 """
 
 from __future__ import annotations
@@ -36,13 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fosctrain.attacks import PGD, PGDL2, AttackResult, FoscThreshold, MisclassifiedTau, Sampler
+from fosctrain.attacks import (
+    PGD,
+    PGDL2,
+    AttackResult,
+    BatchQuantile,
+    FoscThreshold,
+    MisclassifiedTau,
+    Sampler,
+)
 from fosctrain.attacks.engine import attack_mode, random_start
 from fosctrain.config import Config, validate
 from fosctrain.errors import UserError
 from fosctrain.fosc import fosc_stats
 from fosctrain.losses import cross_entropy, kl_from_clean
-from fosctrain.schedules import curriculum_steps, fat_tau, fosc_target
+from fosctrain.schedules import curriculum_steps, decay, fat_tau, fosc_target
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -236,6 +244,10 @@ class Method:
         """Columns this method adds to each metrics row and to summary.json."""
         return {}
 
+    def note(self) -> str | None:
+        """A line for the log that the last step left (None: nothing to say)."""
+        return None
+
 
 @register("natural")
 class Natural(Method):
@@ -265,47 +277,126 @@ class CAT(Method):
 
 @register("dat")
 class DAT(Method):
-    """Dynamic AT: PGD-K whose samples stop once their FOSC <= c_t, c_t falling linearly from
-    c_max to 0 over T'. c_max "auto" is calibrated on the initial model (`calibrate`): by the
-    training loop before training, in a user's loop on the first batch."""
+    """Dynamic AT: PGD-K whose samples stop once their FOSC <= c_t, c_t falling from c_max to
+    0 over T' (linearly, as Algorithm 1, or with c_schedule "cosine"). The rule is first checked
+    at step `min_steps` and compares FOSC or, with fosc_relative, the relative FOSC; with
+    c_mode "quantile" the target is each batch's own FOSC quantile (c_max unused).
+
+    c_max "auto" is measured as c_max_calibration says (`calibrate`): "initial" on the initial
+    model, by the training loop before training and in a user's loop on the first batch;
+    "first-batches" on the first calibration_batches training batches, trained as full PGD-K
+    while their FOSC at the rule's first check is recorded (the same in both loops)."""
 
     def __init__(self, config: Config | None = None, /, **options: Any) -> None:
         super().__init__(config, **options)
         self.c_max = None if self.config.c_max == "auto" else float(self.config.c_max)
+        self.measured: list[float] = []  # first-batches: the FOSC values seen so far
+        self.batches_measured = 0
+        self._note: str | None = None
+
+    @property
+    def min_steps(self) -> int:
+        """The step of the rule's first check: dat_min_steps, at least 1 with first_step_always."""
+        return max(self.config.dat_min_steps, int(self.config.first_step_always))
+
+    @property
+    def quantile_mode(self) -> bool:
+        return self.config.c_mode == "quantile"
+
+    @property
+    def measuring(self) -> bool:
+        """Whether the batches are still calibrating c_max (first-batches, not yet done)."""
+        return self.c_max is None and not self.quantile_mode
 
     def fosc_target(self, t: float) -> float:
-        return fosc_target(t, self.c_max, self.config.schedule_epochs)
+        if self.quantile_mode or self.c_max is None:
+            return math.nan  # each batch has its own target, or none yet
+        c = self.config
+        return fosc_target(t, self.c_max, c.schedule_epochs, c.c_schedule)
+
+    def target_quantile(self, t: float) -> float:
+        """c_mode "quantile": q_t, the batch quantile of FOSC that is the target at time t."""
+        c = self.config
+        return c.c_max_quantile * decay(t, c.schedule_epochs, c.c_schedule)
 
     def attack(self, t: float) -> PGD:
+        """PGD-K measuring FOSC as the rule reads it (centre, scale, first check), with the
+        rule; while first-batches calibrates, with none (full PGD-K)."""
         c = self.config
+        if self.quantile_mode:
+            stop = BatchQuantile(self.target_quantile(t))
+        else:
+            stop = None if self.c_max is None else FoscThreshold(self.fosc_target(t))
         return self.pgd(
-            stop=FoscThreshold(self.fosc_target(t)),
-            min_steps=1 if c.first_step_always else 0,
+            stop=stop,
+            min_steps=self.min_steps,
             fosc_from_start=c.fosc_from_random_start,
+            fosc_relative=c.fosc_relative,
         )
 
     def make_batch(self, model, x, y, t, generator=None, start=random_start):
-        if self.c_max is None:  # c_max auto in a user's loop: measured on the first batch
-            self.calibrate(model, x, y, generator)
-        return super().make_batch(model, x, y, t, generator, start)
+        if self.measuring and self.config.c_max_calibration == "initial":
+            self.calibrate(model, x, y, generator)  # a user's loop: measured on the first batch
+        measuring = self.measuring
+        result = super().make_batch(model, x, y, t, generator, start)
+        if measuring:
+            self.measure(result.fosc_trace[self.min_steps])
+        return result
 
     def calibrate(self, model, x, y, generator) -> str | None:
-        """--c-max auto: the c_max-quantile of the FOSC after one PGD step on the initial model.
+        """--c-max auto, c_max_calibration "initial": the c_max_quantile of the FOSC after one
+        PGD step on the initial model as it is (eval mode, so BatchNorm's fresh statistics).
 
         At c_0 = c_max that fraction of the samples stops after its first step, the weakest
-        examples DAT starts from, and the rest stop as soon as they reach that level; the linear
-        decay to 0 then moves every sample to full PGD-K by epoch T'. Measured on the model it
-        will train, so the threshold binds whatever the eps, input size or model.
-        """
-        if self.c_max is not None:
+        examples DAT starts from; the decay to 0 then moves every sample to full PGD-K by T'.
+        Caution (issue 13): fresh BatchNorm makes this FOSC far smaller than the one the rule
+        meets in epoch 1 once the statistics warm up; "first-batches" measures that one. It
+        calibrates during training (`measure`), so here it only says so."""
+        if not self.measuring:
             return None
-        trace = self.pgd(steps=2)(model, x, y, generator=generator).fosc_trace[1]
-        q = self.config.c_max_quantile
-        self.c_max = float(torch.quantile(trace.double(), q))
+        c = self.config
+        if c.c_max_calibration == "first-batches":
+            if self.batches_measured:
+                return None
+            return (
+                f"c_max auto: measuring on the first {c.calibration_batches} training batches, "
+                f"trained as full PGD-{c.steps}"
+            )
+        pgd = self.pgd(steps=2, fosc_relative=c.fosc_relative)
+        trace = pgd(model, x, y, generator=generator).fosc_trace[1]
+        self.c_max = float(torch.quantile(trace.double(), c.c_max_quantile))
         return (
             f"c_max auto = {self.c_max:.4g} "
-            f"(the {q:g}-quantile of step-1 FOSC on {len(y)} training examples)"
+            f"(the {c.c_max_quantile:g}-quantile of step-1 {self._kind()} on {len(y)} "
+            "training examples)"
         )
+
+    def measure(self, values: Tensor) -> None:
+        """first-batches: record a batch's FOSC at the rule's first check; after the last
+        batch, c_max is their c_max_quantile, and `note` has the line that says so."""
+        c = self.config
+        self.measured += values.tolist()
+        self.batches_measured += 1
+        if self.batches_measured < c.calibration_batches:
+            return
+        measured = torch.tensor(self.measured, dtype=torch.float64)
+        self.c_max = float(torch.quantile(measured, c.c_max_quantile))
+        stopped = (measured <= self.c_max).double().mean().item()
+        where = "start point" if self.min_steps == 0 else f"step {self.min_steps}"
+        self._note = (
+            f"c_max auto = {self.c_max:.4g} (the {c.c_max_quantile:g}-quantile of "
+            f"{self._kind()} at the rule's first check, the {where}, on the first "
+            f"{self.batches_measured} training batches ({len(measured)} examples); {stopped:.0%} "
+            "of them would have stopped there)"
+        )
+        self.measured = []
+
+    def _kind(self) -> str:
+        return "relative FOSC" if self.config.fosc_relative else "FOSC"
+
+    def note(self) -> str | None:
+        line, self._note = self._note, None
+        return line
 
     def training_loss(self, model, x, x_adv, y, epoch):
         values, logits = super().training_loss(model, x, x_adv, y, epoch)
@@ -314,11 +405,15 @@ class DAT(Method):
         return values, logits
 
     def state(self) -> dict[str, Any]:
+        if self.measuring and self.batches_measured:
+            return {"c_max": None, "measured": self.measured, "batches": self.batches_measured}
         return {"c_max": self.c_max}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state.get("c_max") is not None:
             self.c_max = float(state["c_max"])
+        self.measured = list(state.get("measured", []))
+        self.batches_measured = int(state.get("batches", 0))
 
     def extra_metrics(self) -> dict[str, Any]:
         return {"c_max": self.c_max}

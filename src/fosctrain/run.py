@@ -237,6 +237,11 @@ def check_world(config: Config, dist: Dist, n_train: int) -> None:
     """What the processes and their devices must allow (one line each)."""
     if config.sync_bn and dist.enabled and dist.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
+    if dist.enabled and config.c_max_calibration == "first-batches":
+        raise UserError(
+            "--c-max-calibration first-batches runs in one process only (each process would "
+            "measure its own shard); use initial, or give --c-max"
+        )
     last = n_train % config.batch_size
     smallest = min(config.batch_size, last) if last else config.batch_size
     if smallest < dist.world:

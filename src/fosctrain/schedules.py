@@ -7,10 +7,28 @@ from __future__ import annotations
 
 import math
 
+DECAY_SHAPES = ("linear", "cosine")
 
-def fosc_target(t: float, c_max: float, t_prime: float) -> float:
-    """DAT's FOSC target c_t = max(c_max - t * c_max / T', 0) (Algorithm 1)."""
-    return max(c_max - t * c_max / t_prime, 0.0)
+
+def decay(t: float, t_prime: float, shape: str = "linear") -> float:
+    """A factor falling from 1 at t = 0 to 0 at t = T' and staying 0 after it:
+    linear  1 - t / T'                    (Algorithm 1)
+    cosine  (1 + cos(pi t / T')) / 2      (flat at both ends: slow at first, then faster)
+    """
+    s = min(max(t / t_prime, 0.0), 1.0)
+    if shape == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * s))
+    if shape == "linear":
+        return 1.0 - s
+    raise ValueError(f"unknown decay shape {shape!r}")
+
+
+def fosc_target(t: float, c_max: float, t_prime: float, shape: str = "linear") -> float:
+    """DAT's FOSC target c_t = c_max * decay(t). Linear keeps Algorithm 1's own arithmetic,
+    max(c_max - t * c_max / T', 0), so that its thresholds stay bit-identical."""
+    if shape == "linear":
+        return max(c_max - t * c_max / t_prime, 0.0)
+    return c_max * decay(t, t_prime, shape)
 
 
 def curriculum_steps(t: float, max_steps: int, t_prime: float) -> int:

@@ -114,6 +114,9 @@ def train_batch(
     attack runs on the plain module, the training forward through DDP (tr.step_model)."""
     with autocast(tr):
         step = tr.method.step(tr.model, x, y, t, tr.generator, start, tr.step_model)
+    line = tr.method.note()
+    if line is not None and tr.dist.is_main:
+        progress.line(f"fosc: {line}")
     loss = scaled_for_shards(tr, step.losses.float().mean(), len(y), global_n)
     if not finite_on_every_rank(tr, loss):
         return skip_or_stop(tr, step, loss, epoch)
@@ -185,6 +188,7 @@ def batch_stats(step: Step, y: Tensor) -> dict[str, Any]:
     if step.result is not None:
         stats["attack_evals"] = step.result.grad_evals
         stats["steps_sum"] = step.result.steps.sum().item()
+        stats["stopped_sum"] = step.result.stopped.sum().item()
         stats["fosc"] = step.result.fosc.tolist()
     return stats
 
@@ -304,6 +308,7 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
         "fosc_median": fosc["median"],
         "fosc_p90": fosc["p90"],
         "steps_mean": p.get("steps_sum", 0) / n if attacked else 0.0,
+        "stopped_frac": p.get("stopped_sum", 0) / n if attacked else math.nan,
         "attack_grad_evals": st.attack_grad_evals,
         "grad_evals": st.grad_evals,
         "skipped_batches": int(p.get("skipped", 0)),
@@ -327,9 +332,11 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
         if not math.isnan(row["val_robust_acc"])
         else "val -"
     )
+    frac = row.get("stopped_frac", math.nan)
+    stopped = "" if math.isnan(frac) else f" (stopped early {frac:.0%})"
     return (
         f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.3f} "
-        f"steps {row['steps_mean']:.2f} | {val} | {row['epoch_time_s']:.1f} s"
+        f"steps {row['steps_mean']:.2f}{stopped} | {val} | {row['epoch_time_s']:.1f} s"
     )
 
 

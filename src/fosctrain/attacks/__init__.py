@@ -13,7 +13,12 @@ from fosctrain.attacks.engine import (
 )
 from fosctrain.attacks.fgsm import FGSM, FGSMRS
 from fosctrain.attacks.pgd import PGD, PGDL2
-from fosctrain.attacks.stopping import FoscThreshold, MisclassifiedTau, StoppingRule
+from fosctrain.attacks.stopping import (
+    BatchQuantile,
+    FoscThreshold,
+    MisclassifiedTau,
+    StoppingRule,
+)
 from fosctrain.errors import UserError
 
 ATTACKS: dict[str, type[PGD]] = {
@@ -35,6 +40,7 @@ def create_attack(name: str, **options) -> PGD:
 __all__ = [
     "ATTACKS",
     "AttackResult",
+    "BatchQuantile",
     "CWInf",
     "FGSM",
     "FGSMRS",

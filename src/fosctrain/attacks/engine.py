@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fosctrain.attacks.stopping import StoppingRule
 from fosctrain.errors import UserError, check_positive
-from fosctrain.fosc import fosc, fosc_stats
+from fosctrain.fosc import fosc, fosc_stats, relative_fosc
 from fosctrain.losses import input_gradient, objective
 from fosctrain.threat import BOUNDS, check_norm
 
@@ -168,6 +168,7 @@ def run_attack(
     bounds: tuple[float, float] = BOUNDS,
     fosc_box: bool = False,
     fosc_from_start: bool = False,
+    fosc_relative: bool = False,
     final_fosc: bool = False,
     compact: bool = True,
     eval_mode: bool = True,
@@ -183,6 +184,8 @@ def run_attack(
     always takes the first step: min_steps=1), moves some of it to the stopped set, which keeps
     its points; the rest take a step. `fosc_from_start` measures FOSC around the random start,
     the official code's quirk, instead of around x0. `fosc_box` uses the exact box-aware FOSC.
+    `fosc_relative` makes every FOSC the engine reports (to the rule, the observer, the trace
+    and the result) the scale-free fosctrain.fosc.relative_fosc.
     `y` holds the target labels when `targeted`. `observer` sees every evaluation.
     """
     eps, alpha, steps = validate(eps, alpha, steps)
@@ -196,6 +199,7 @@ def run_attack(
     x_start = project(start(x0, eps, norm, generator), x0, eps, norm, bounds) if random_init else x0
     center = x_start if fosc_from_start else x0
     fbounds = bounds if fosc_box else None
+    measure = relative_fosc if fosc_relative else fosc
     x = x_start.clone()  # every sample's point; written when it leaves the active set
     trace = torch.full((steps + int(final_fosc), n), float("nan"), device=device)
     last_fosc = torch.full((n,), float("nan"), device=device)
@@ -227,7 +231,7 @@ def run_attack(
             grad, logits, values = grad[active], logits[active], values[active]
         elif m < inputs.shape[0]:
             grad, logits, values = grad[:m], logits[:m], values[:m]
-        f = fosc(xs, cs, grad, eps, norm, fbounds)
+        f = measure(xs, cs, grad, eps, norm, fbounds)
         trace[k, active] = f
         if observer is not None:
             observer(k, active, logits, values, f)

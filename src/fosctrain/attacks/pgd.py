@@ -20,8 +20,8 @@ class PGD:
     """L-inf PGD. `attack(model, x, y)` returns an AttackResult; alpha defaults to eps / 4.
 
     Options shared by every attack: eps, alpha, steps, random_start, loss ("ce" or "cw"),
-    targeted, stop (a stopping rule), min_steps, fosc_box, fosc_from_start, final_fosc,
-    compact, seed (or a generator passed per call). Per call, every attack also takes a
+    targeted, stop (a stopping rule), min_steps, fosc_box, fosc_from_start, fosc_relative,
+    final_fosc, compact, seed (or a generator passed per call). Per call, every attack also takes a
     start-point sampler `start` and an `observer` of every step (see attacks.engine).
     """
 
@@ -35,6 +35,7 @@ class PGD:
     min_steps: int = 0
     fosc_box: bool = False
     fosc_from_start: bool = False
+    fosc_relative: bool = False
     final_fosc: bool = False
     compact: bool = True
     seed: int | None = None
@@ -71,6 +72,7 @@ class PGD:
             min_steps=self.min_steps,
             fosc_box=self.fosc_box,
             fosc_from_start=self.fosc_from_start,
+            fosc_relative=self.fosc_relative,
             final_fosc=self.final_fosc,
             compact=self.compact,
             generator=generator,

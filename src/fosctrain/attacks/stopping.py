@@ -35,6 +35,27 @@ class FoscThreshold:
 
 
 @dataclass
+class BatchQuantile:
+    """DAT with a batch-relative target (beyond the paper): at the rule's first check, the
+    target becomes the q-quantile of the FOSC of every sample in the batch (all still running
+    then), and from that step on a sample stops once its FOSC is <= that target. q = 0 means
+    target 0 (full PGD, as c_t = 0). The target depends only on the first check's values, so
+    compaction cannot change it."""
+
+    q: float
+    threshold: float | None = field(default=None, init=False)
+
+    def reset(self, batch_size: int, device: torch.device) -> None:
+        self.threshold = None
+
+    def __call__(self, step, idx, fosc, logits, y, targeted) -> Tensor:
+        if self.threshold is None:
+            q, values = self.q, fosc.double()
+            self.threshold = float(torch.quantile(values, q)) if q > 0 and len(values) else 0.0
+        return fosc <= self.threshold
+
+
+@dataclass
 class MisclassifiedTau:
     """FAT (Zhang et al. 2020): stop a sample the tau-th time after it is first found
     misclassified (tau = 0: at the first misclassified point), so it stays near the boundary."""
