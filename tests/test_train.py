@@ -202,3 +202,16 @@ def test_presets_and_toml(tmp_path):
     toml.write_text("lrr = 1\n")
     with pytest.raises(UserError, match="unknown option"):
         resolve(toml_path=str(toml))
+
+
+@pytest.mark.parametrize("preset", ["cifar10-cnn-paper", "cifar10-wrn-paper"])
+def test_cifar_presets_drop_lr_where_the_official_loop_does(preset):
+    """The official loop tests (ep + 1) == 60 and 100 at each epoch's start: the learning rate
+    is lr / 10 from 0-based epoch 59 on, lr / 100 from epoch 99 on."""
+    c = resolve(preset, overrides={"data_dir": "unused"})
+    lr = [
+        c.lr * lr_factor(e, c.lr_schedule, c.epochs, c.lr_milestones, c.lr_gamma)
+        for e in range(120)
+    ]
+    assert lr[58] == pytest.approx(0.01) and lr[59] == pytest.approx(0.001)
+    assert lr[98] == pytest.approx(0.001) and lr[99] == pytest.approx(0.0001)

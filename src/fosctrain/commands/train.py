@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fosctrain.config import FIELDS, PRESETS, Config, resolve
+from fosctrain.config import FIELDS, PRESET_DIFFERENCES, PRESETS, Config, resolve
 from fosctrain.errors import UserError, check_positive
 
 
@@ -46,7 +46,9 @@ def _field_type(f: dataclasses.Field):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="paper settings by name")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help=f"paper settings by name; {PRESET_DIFFERENCES}"
+    )
     p.add_argument("--config", metavar="FILE", help="TOML file of options ([train] table or top)")
     p.add_argument("--name", help="run name (default: METHOD-DATASET-TIMESTAMP)")
     p.add_argument("--runs-dir", default="runs", help="where run directories go (default runs/)")
