@@ -157,8 +157,8 @@ def _madry_k(k: int) -> dict[str, Any]:
     return dict(method="madry", steps=k, alpha=Of("eps", 2.5 / k))
 
 
-def _dat(c_max: float | str, t_prime: float = 5 / 6) -> dict[str, Any]:
-    return dict(method="dat", c_max=c_max, t_prime=Of("epochs", t_prime))
+def _dat(c_max: float | str, t_prime: float = 5 / 6, **options: Any) -> dict[str, Any]:
+    return dict(method="dat", c_max=c_max, t_prime=Of("epochs", t_prime), **options)
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -218,6 +218,13 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "trades": dict(method="trades"),
                 "cat": dict(method="cat"),
                 **{f"dat-c{c}": _dat(c) for c in (0.1, 0.3, 0.5, 1.0, "auto")},
+                # issue 13's options: calibration where the rule checks, schedule shapes, a
+                # floor on the steps, a batch-quantile target, the scale-free target
+                "dat-first-batches": _dat("auto", c_max_calibration="first-batches"),
+                "dat-cosine": _dat("auto", c_schedule="cosine"),
+                "dat-min2": _dat("auto", dat_min_steps=2),
+                "dat-quantile": _dat("auto", c_mode="quantile"),
+                "dat-relative0.3": _dat(0.3, fosc_relative=True),
             },
             figure="frontier",
             autoattack=True,
