@@ -92,7 +92,7 @@ SCALES: dict[str, Scale] = {
         ),
         Scale(
             "small",
-            "embedded mnist5k (4,000/1,000), 4 epochs, 3 seeds",
+            "embedded mnist5k (3,800 training digits, 200 for validation), 4 epochs, 3 seeds",
             dict(dataset="mnist5k", epochs=4, lr_milestones=[3], val_n=200, final_eval_n=100),
             seeds=3,
             eval_n=500,
