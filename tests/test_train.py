@@ -186,7 +186,7 @@ def test_presets_and_toml(tmp_path):
     assert (cfg.model, cfg.epochs, cfg.lr_milestones, cfg.t_prime) == (
         "cifar-cnn8",
         120,
-        [60, 100],
+        [59, 99],  # 0-based: the official loop drops when (ep + 1) == 60, 100
         100,
     )
     assert cfg.eps == pytest.approx(0.031) and cfg.step_size == pytest.approx(0.031 / 4)
