@@ -78,6 +78,11 @@ def test_every_experiment_runs_at_smoke_scale(smoke, name):
         assert float(r["pgd"]) <= float(r["clean"])
         assert (r["autoattack"] != "") == exp.autoattack
         assert float(r["grad_evals"]) > 0 and float(r["train_time_s"]) > 0
+        summary_json = json.loads(
+            (tmp_path / "runs" / f"{r['config']}-s0" / "summary.json").read_text()
+        )
+        assert float(r["val_pgd"]) == pytest.approx(summary_json["final"]["val_robust_acc"])
+        assert float(r["val_clean"]) == pytest.approx(summary_json["final"]["val_clean_acc"])
     summary = read_csv(tmp_path / "summary.csv")
     assert [s["config"] for s in summary] == list(exp.configs)
     assert all(s["seeds"] == "1" for s in summary)
@@ -190,6 +195,50 @@ def test_jobs_2_runs_in_parallel_processes(tmp_path):
     config = json.loads((tmp_path / "runs" / "madry-s0" / "config.json").read_text())
     assert config["threads"] == 1
     assert (tmp_path / "runs" / "madry-s0" / "measure" / "measure.csv").is_file()
+
+
+def test_reuse_copies_identical_runs_and_adds_only_what_they_lack(smoke, tmp_path, capsys):
+    """methods shares natural and madry with fosc-vs-steps: copied, not retrained; methods'
+    AutoAttack evaluation is added to the copies; the source stays as it was."""
+    source = smoke("fosc-vs-steps")
+    before = {p: p.read_bytes() for p in sorted((source / "runs").rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert (
+        reproduce(
+            "methods", tmp_path, "--configs", "natural", "madry", "fat", "--reuse", str(source)
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "natural-s0: reused" in err and "madry-s0: reused" in err and "fat-s0: reused" not in err
+    assert "0 of 3 runs finished, 3 to run" in err
+    for name in ("natural-s0", "madry-s0"):
+        mine, theirs = tmp_path / "runs" / name, source / "runs" / name
+        assert (mine / "summary.json").read_bytes() == (theirs / "summary.json").read_bytes()
+        assert (mine / "eval" / "eval.json").read_bytes() == (
+            theirs / "eval" / "eval.json"
+        ).read_bytes()
+        assert (mine / "eval-autoattack" / "eval.json").is_file()
+        assert not (theirs / "eval-autoattack").exists()
+    after = {p: p.read_bytes() for p in sorted((source / "runs").rglob("*")) if p.is_file()}
+    assert after == before
+    rows = {r["config"]: r for r in read_csv(tmp_path / "results.csv")}
+    assert (
+        rows["madry"]["pgd"]
+        == {r["config"]: r for r in read_csv(source / "results.csv")}["madry"]["pgd"]
+    )
+    assert rows["fat"]["status"] == "finished"
+
+
+def test_reuse_refuses_another_scale_and_non_reproduce_directories(smoke, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "experiment.json").write_text(json.dumps({"experiment": "methods", "scale": "small"}))
+    assert reproduce("methods", tmp_path / "a", "--reuse", str(other)) == 2
+    assert "holds scale small, not smoke" in one_error_line(capsys)
+    assert not (tmp_path / "a").exists()
+    assert reproduce("methods", tmp_path / "b", "--reuse", str(tmp_path / "nothing")) == 2
+    assert "not a reproduce directory" in one_error_line(capsys)
 
 
 # ---------------------------------------------------------------- --print-commands

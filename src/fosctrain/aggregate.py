@@ -18,10 +18,12 @@ from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
 
 ACCURACIES = ("clean", "fgsm", "pgd", "cw", "autoattack")
+VALIDATION = ("val_clean", "val_pgd")  # the last epoch's, on the validation slice: for choosing
 LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "C&W-inf",
-          "autoattack": "AutoAttack", "grad_evals": "grad evals", "train_time_s": "train s",
+          "autoattack": "AutoAttack", "val_clean": "val clean", "val_pgd": "val PGD-20",
+          "grad_evals": "grad evals", "train_time_s": "train s",
           "eval_time_s": "eval s"}  # fmt: skip
-METRICS = (*ACCURACIES, "grad_evals", "train_time_s", "eval_time_s")
+METRICS = (*ACCURACIES, *VALIDATION, "grad_evals", "train_time_s", "eval_time_s")
 RUN_COLUMNS = ("config", "seed", "status", *METRICS, "attack_grad_evals", "epochs", "run_dir")
 SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high")
 
@@ -74,9 +76,12 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _acc(entry: Any) -> float:
-    value = entry.get("acc") if isinstance(entry, dict) else None
+def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _acc(entry: Any) -> float:
+    return _number(entry.get("acc") if isinstance(entry, dict) else None)
 
 
 def eval_numbers(path: Path) -> dict[str, float]:
@@ -91,7 +96,8 @@ def eval_numbers(path: Path) -> dict[str, float]:
 
 
 def run_numbers(run_dir: Path) -> dict[str, Any]:
-    """The numbers of one run: final-report accuracies, grad evals, wall-clock."""
+    """The numbers of one run: final-report accuracies, the last epoch's validation
+    accuracies, grad evals, wall-clock."""
     summary = _read_json(run_dir / "summary.json")
     main = eval_numbers(run_dir / EVAL_DIR / "eval.json")
     row: dict[str, Any] = {k: main.get(k, math.nan) for k in ACCURACIES}
@@ -101,6 +107,9 @@ def run_numbers(run_dir: Path) -> dict[str, Any]:
         row["autoattack"] = aa.get("autoattack", math.nan)
         eval_time += aa.get("time_s", math.nan)
     row["eval_time_s"] = eval_time
+    final = summary.get("final") if isinstance(summary.get("final"), dict) else {}
+    row["val_clean"] = _number(final.get("val_clean_acc"))
+    row["val_pgd"] = _number(final.get("val_robust_acc"))
     row["grad_evals"] = summary.get("grad_evals", math.nan)
     row["attack_grad_evals"] = summary.get("attack_grad_evals", math.nan)
     row["train_time_s"] = summary.get("time_s", math.nan)
@@ -158,7 +167,7 @@ def _md_value(entry: dict, metric: str) -> str:
     lo, hi = entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]
     if math.isnan(mean):
         return "–"
-    if metric in ACCURACIES:
+    if metric in ACCURACIES or metric in VALIDATION:
         text = f"{100 * mean:.1f}"
         if not math.isnan(std):
             text += f" ± {100 * std:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
@@ -177,7 +186,8 @@ def summary_markdown(plan: Plan, summary: list[dict]) -> str:
         f"{plan.spec.n} test examples"
         + (f" (AutoAttack: {plan.spec.autoattack_n})" if plan.spec.autoattack_n else "")
         + ", last checkpoint; accuracy in % as mean ± sample std [95% t-interval] over seeds; "
-        "grad evals and seconds are means.",
+        "val: the last epoch's accuracy on the validation slice of the training data (what "
+        "to choose by); grad evals and seconds are means.",
         "",
         "| configuration | seeds | " + " | ".join(LABELS[m] for m in shown) + " |",
         "|---|---:|" + "---:|" * len(shown),

@@ -3,8 +3,8 @@
 Every configuration x seed is a run directory OUT/runs/NAME-sSEED: trained by
 fosctrain.train.train, then evaluated on a fixed subset of the test split (the final report)
 into RUN/eval/, with AutoAttack into RUN/eval-autoattack/ and FOSC against PGD steps into
-RUN/measure/ where the experiment asks for them. The last checkpoint is evaluated: the `best`
-one is picked by test accuracy during training, so it would not be an honest test number.
+RUN/measure/ where the experiment asks for them. The last checkpoint is evaluated: every run
+gets the same number of epochs and no choice is made on the test split.
 
 A run with summary.json and every evaluation present is finished and skipped; one with a
 config.json resumes where it stopped. `--jobs N` trains N runs at a time in spawned processes,
@@ -14,6 +14,9 @@ each on --threads torch threads (default one). `--print-commands` prints the sam
 (fosctrain.aggregate).
 
 OUT/experiment.json names the experiment and scale, so that one directory never mixes two.
+`--reuse DIR` copies in the runs another experiment's directory at the same scale already holds
+with the identical configuration and seed (config hash), so a configuration that two experiments
+share (Madry PGD-10 in methods and frontier, say) is trained once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import shutil
 import signal
 import threading
 import time
@@ -162,6 +166,54 @@ def status(run: Run) -> str:
     if all((run.dir / f).is_file() for f in run.spec.outputs()):
         return "finished"
     return "partial" if (run.dir / "config.json").is_file() else "todo"
+
+
+def _trained_runs(source: Path, scale: str) -> dict[str, Path]:
+    """{config hash + seed: run directory} of the trained runs of a reproduce directory at
+    `scale`; a directory of another scale (other evaluation sizes) is refused."""
+    manifest = source / MANIFEST
+    try:
+        theirs = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        raise UserError(
+            f"--reuse {source}: no readable {MANIFEST}; not a reproduce directory"
+        ) from None
+    if not isinstance(theirs, dict) or theirs.get("scale") != scale:
+        found = theirs.get("scale") if isinstance(theirs, dict) else None
+        raise UserError(f"--reuse {source} holds scale {found}, not {scale}")
+    found: dict[str, Path] = {}
+    for summary in sorted((source / "runs").glob("*/summary.json")):
+        try:
+            data = json.loads(summary.read_text())
+            config = json.loads((summary.parent / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(config, dict):
+            found[f"{data.get('config_hash')}-s{config.get('seed')}"] = summary.parent
+    return found
+
+
+def reuse_runs(plan: Plan, sources: list[str | Path], log=print) -> int:
+    """Copy into `plan` every run it has not started that a source directory (another
+    experiment at the same scale) trained with the identical configuration and seed; the copy
+    keeps the source's evaluations (same scale, same evaluation) and gets what it lacks later.
+    Returns the number of runs copied."""
+    known: dict[str, Path] = {}
+    for source in sources:
+        known.update(_trained_runs(Path(source), plan.scale.name))
+    claim_out(plan)
+    copied = 0
+    for run in plan.runs:
+        key = f"{plan.config(run).hash()}-s{run.seed}"
+        if status(run) != "todo" or key not in known or run.dir.exists():
+            continue
+        tmp = run.dir.with_name(f".{run.dir.name}.reuse.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(known[key], tmp, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
+        tmp.rename(run.dir)
+        log(f"{run.name}: reused {known[key]}")
+        copied += 1
+    return copied
 
 
 # ---------------------------------------------------------------- one run

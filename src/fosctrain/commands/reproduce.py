@@ -3,7 +3,8 @@
 
 --print-commands prints the unfinished runs as `fosc train ... && fosc eval ...` lines for a
 cluster's scheduler instead; --collect only aggregates what is finished; --dry-run prints the
-plan and a time estimate (fosctrain.estimate).
+plan and a time estimate (fosctrain.estimate); --reuse DIR copies in the identical runs another
+experiment's directory holds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--data-dir", help="dataset files (cifar10; mnist idx files)")
+    p.add_argument(
+        "--reuse",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="copy in the runs these reproduce directories (same scale) trained with an "
+        "identical configuration and seed, instead of training them again",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--print-commands", action="store_true", help="print commands, run nothing")
     g.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate")
@@ -38,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from fosctrain.errors import UserError
     from fosctrain.estimate import describe_plan
     from fosctrain.figures import write_figures
-    from fosctrain.reproduce import claim_out, commands, make_plan, run_plan
+    from fosctrain.reproduce import claim_out, commands, make_plan, reuse_runs, run_plan
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
@@ -48,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_plan(plan, args.jobs))
         return 0
+    if args.reuse and not args.collect:
+        reuse_runs(plan, args.reuse, log=_log)
     if args.print_commands:
         claim_out(plan)
         print("\n".join(commands(plan)))
