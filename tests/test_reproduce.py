@@ -230,6 +230,18 @@ def test_reuse_copies_identical_runs_and_adds_only_what_they_lack(smoke, tmp_pat
     assert rows["fat"]["status"] == "finished"
 
 
+@pytest.mark.parametrize("scale", ["small", "default"])
+def test_methods_and_fosc_schedule_share_the_frontiers_runs(tmp_path, scale):
+    """Every configuration of methods (but natural) and fosc-schedule's T' = 5T/6 ones are the
+    frontier's by config hash, so --reuse trains them once."""
+    frontier = make_plan("frontier", scale, tmp_path / "f")
+    hashes = {frontier.config(r).hash() for r in frontier.runs}
+    for name, expected in (("methods", 6), ("fosc-schedule", 3)):
+        plan = make_plan(name, scale, tmp_path / name)
+        shared = {r.config_name for r in plan.runs if plan.config(r).hash() in hashes}
+        assert len(shared) == expected, (name, sorted(shared))
+
+
 def test_reuse_refuses_another_scale_and_non_reproduce_directories(smoke, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()

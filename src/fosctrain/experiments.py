@@ -161,6 +161,10 @@ def _dat(c_max: float | str, t_prime: float = 5 / 6, **options: Any) -> dict[str
     return dict(method="dat", c_max=c_max, t_prime=Of("epochs", t_prime), **options)
 
 
+# the methods experiment's madry and dat are spelled as the frontier's madry-k10 and dat-cauto,
+# so that `fosc reproduce methods --reuse FRONTIER_DIR` trains each of them once
+METHOD_CONFIGS = {"madry": _madry_k(10), "dat": _dat("auto")}
+
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in (
@@ -193,7 +197,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             "methods",
             "natural, madry, cat, dat, fat, trades, fast under one epoch budget",
-            {m: dict(method=m) for m in METHODS},
+            {m: METHOD_CONFIGS.get(m, dict(method=m)) for m in METHODS},
             figure="fosc-over-training",
             autoattack=True,
         ),
