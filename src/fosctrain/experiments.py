@@ -229,6 +229,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "dat-min2": _dat("auto", dat_min_steps=2),
                 "dat-quantile": _dat("auto", c_mode="quantile"),
                 "dat-relative0.3": _dat(0.3, fosc_relative=True),
+                # DAT on Madry PGD-5's attack (step 2.5 eps / 5): the rule on a shorter budget
+                "dat-k5": _dat("auto", steps=5, alpha=Of("eps", 0.5)),
             },
             figure="frontier",
             autoattack=True,
