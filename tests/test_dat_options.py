@@ -507,3 +507,37 @@ def test_c_max_auto_is_logged_with_where_it_was_measured(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"c_max auto = {summary['c_max']:.4g}" in err and "step-1 FOSC" in err
     assert "stopped early" in err
+
+
+def _warmed(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The same weights with BatchNorm's running statistics set to the data's (as after the
+    first epoch's forward passes), not the fresh mean 0 / var 1."""
+    warm = create_model("mnist-cnn")
+    warm.load_state_dict(model.state_dict())
+    for m in warm.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the passes below
+    warm.train()
+    with torch.no_grad():
+        warm(x)
+    return warm.eval()
+
+
+def test_batch_quantile_target_is_free_of_batchnorm_statistics(digits):
+    """Fresh BatchNorm statistics change the FOSC the rule reads several-fold, and with it an
+    absolute c_max measured on them; the batch-quantile target stops the same share of every
+    batch at the first check whatever the statistics (issue 13: fresh BN must not skew it)."""
+    x, y = digits
+    fresh = fresh_model().eval()
+    warm = _warmed(fresh, x)
+    medians, shares = [], []
+    for model in (fresh, warm):
+        rule = BatchQuantile(0.5)
+        res = PGD(eps=0.3, steps=4, stop=rule, min_steps=1)(
+            model, x, y, generator=torch.Generator().manual_seed(2)
+        )
+        medians.append(float(res.fosc_trace[1].median()))
+        shares.append(float((res.steps == 1).double().mean()))
+    assert max(medians) / min(medians) > 3  # what an absolute c_max would be calibrated on
+    assert shares == [pytest.approx(0.5, abs=1 / len(y))] * 2
