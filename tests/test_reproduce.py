@@ -295,10 +295,10 @@ def test_collect_lists_unfinished_runs_without_numbers(tmp_path):
 def test_dry_run_prints_plan_and_estimate_and_writes_nothing(tmp_path, capsys):
     assert main(["reproduce", "frontier", "--scale", "small", "--out", str(tmp_path / "o"),
                  "--dry-run", "--jobs", "2"]) == 0  # fmt: skip
-    text = capsys.readouterr().out  # 20 configurations x 3 seeds below
+    text = capsys.readouterr().out  # 22 configurations x 3 seeds below
     assert (
-        "total: 60 runs" in text and "--jobs 2" in text and "one GPU" in text
-    )  # 20 configurations x 3 seeds
+        "total: 66 runs" in text and "--jobs 2" in text and "one GPU" in text
+    )  # 22 configurations x 3 seeds
     assert "madry-k10-s2" in text and "ms per gradient evaluation" in text
     assert not (tmp_path / "o").exists()
 
