@@ -14,7 +14,7 @@ import torch
 from fosctrain import config as config_mod
 from fosctrain import methods
 from fosctrain import train as train_mod
-from fosctrain.config import resolve
+from fosctrain.config import Config, resolve
 from fosctrain.data import load_mnist5k
 from fosctrain.errors import UserError
 from fosctrain.methods import DAT, METHODS, Info, create_method
@@ -126,7 +126,8 @@ def test_methods_are_registered_once_by_the_configs_names():
 def test_options_are_config_fields_checked_like_configs():
     dat = DAT(eps=0.1, c_max=0.5, t_prime=40)
     assert (dat.config.eps, dat.c_max, dat.config.schedule_epochs) == (0.1, 0.5, 40)
-    assert dat.config.method == "dat" and dat.config.step_size == pytest.approx(0.025)
+    assert dat.config.method == "dat" and dat.config.step_size == pytest.approx(0.05)
+    assert (dat.config.steps, DAT(eps=0.1, steps=10).config.step_size) == (5, pytest.approx(0.025))
     with pytest.raises(UserError, match="unknown option"):
         DAT(epsilon=0.3)
     with pytest.raises(UserError, match="eps"):
@@ -148,3 +149,30 @@ def test_dat_auto_c_max_is_calibrated_on_the_first_batch_and_kept_in_its_state(b
     madry = METHODS["madry"]()
     assert madry.state() == {} and madry.extra_metrics() == {}
     assert madry.calibrate(None, x, y, None) is None
+
+
+@pytest.mark.parametrize(
+    ("preset", "options", "steps", "step_size"),
+    [
+        (None, {}, 5, 0.15),  # fosc train's default: DAT on PGD-5 of eps/2
+        (None, {"eps": 0.1}, 5, 0.05),
+        (None, {"steps": 10}, 10, 0.075),  # a given K keeps the step rule eps/4
+        (None, {"steps": 5}, 5, 0.075),
+        (None, {"alpha": 0.1}, 5, 0.1),
+        (None, {"method": "madry"}, 10, 0.075),  # every other method: PGD-10 of eps/4
+        (None, {"method": "fat"}, 10, 0.075),
+        ("mnist-paper", {}, 10, 0.075),  # the paper's presets keep the paper's attack
+        ("cifar10-wrn-paper", {"data_dir": "x"}, 10, 0.031 / 4),
+    ],
+)
+def test_dat_sets_its_own_attack_budget_where_nothing_else_does(preset, options, steps, step_size):
+    config = resolve(preset, None, options)
+    assert (config.steps, config.step_size) == (steps, pytest.approx(step_size))
+
+
+def test_dat_budget_from_a_toml_file_and_the_python_api(tmp_path):
+    toml = tmp_path / "dat.toml"
+    toml.write_text("steps = 7\n")
+    assert (resolve(None, str(toml), {}).steps, resolve(None, str(toml), {}).alpha) == (7, None)
+    assert (DAT().config.steps, DAT().config.alpha) == (5, pytest.approx(0.15))
+    assert DAT(Config()).config.steps == 10  # a Config given whole is taken as it is

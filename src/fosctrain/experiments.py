@@ -158,7 +158,15 @@ def _madry_k(k: int) -> dict[str, Any]:
 
 
 def _dat(c_max: float | str, t_prime: float = 5 / 6, **options: Any) -> dict[str, Any]:
-    return dict(method="dat", c_max=c_max, t_prime=Of("epochs", t_prime), **options)
+    """DAT on the paper's PGD-10 of eps/4 unless `options` name steps (not `fosc train`'s
+    default PGD-5, so these configurations keep their meaning)."""
+    return {
+        "method": "dat",
+        "steps": 10,
+        "c_max": c_max,
+        "t_prime": Of("epochs", t_prime),
+        **options,
+    }
 
 
 # the methods experiment's madry and dat are spelled as the frontier's madry-k10 and dat-cauto,

@@ -46,7 +46,7 @@ from fosctrain.attacks import (
     Sampler,
 )
 from fosctrain.attacks.engine import attack_mode, random_start
-from fosctrain.config import Config, validate
+from fosctrain.config import Config, method_defaults, validate
 from fosctrain.errors import UserError
 from fosctrain.fosc import fosc_stats
 from fosctrain.losses import cross_entropy, kl_from_clean
@@ -116,8 +116,9 @@ class Step:
 
 
 def method_config(name: str, config: Config | None, options: dict[str, Any]) -> Config:
-    """The validated Config of method `name`: `config` (default: Config's defaults) with
-    `options`, keyword by keyword; Config's fields are the one source of every option."""
+    """The validated Config of method `name`: `config` (default: Config's defaults and the
+    method's own, as `fosc train` has them) with `options`, keyword by keyword; Config's fields
+    are the one source of every option."""
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -125,7 +126,10 @@ def method_config(name: str, config: Config | None, options: dict[str, Any]) -> 
             f"unknown option(s) {', '.join(unknown)} for {name}; options are the fields of "
             "fosctrain.config.Config (eps, alpha, steps, norm, c_max, t_prime, ...)"
         )
-    config = dataclasses.replace(config or Config(method=name), **options)
+    if config is None:
+        config = method_defaults(Config(**{"method": name, **options}), set(options))
+    else:
+        config = dataclasses.replace(config, **options)
     if config.method != name:
         raise UserError(f"a {name} method cannot be built from a {config.method!r} config")
     validate(config)
