@@ -239,11 +239,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "dat-relative0.3": _dat(0.3, fosc_relative=True),
                 # DAT on Madry PGD-5's attack (step 2.5 eps / 5): the rule on a shorter budget
                 "dat-k5": _dat("auto", steps=5, alpha=Of("eps", 0.5)),
-                # ... whose target reaches 0 only at the end (T' = T), and starts higher too
+                # ... whose target reaches 0 only at the end (T' = T), or is a batch quantile
                 "dat-k5-t1": _dat("auto", 1.0, steps=5, alpha=Of("eps", 0.5)),
-                "dat-k5-q75-t1": _dat(
-                    "auto", 1.0, steps=5, alpha=Of("eps", 0.5), c_max_quantile=0.75
-                ),
+                "dat-k5-quantile": _dat("auto", steps=5, alpha=Of("eps", 0.5), c_mode="quantile"),
             },
             figure="frontier",
             autoattack=True,
