@@ -453,6 +453,23 @@ def test_a_worker_stops_when_its_runner_is_gone():
     assert time.monotonic() - started < 20
 
 
+def test_an_orphaned_worker_that_handles_sigterm_still_ends():
+    """Training catches SIGTERM to save its state and returns; the worker process must then end
+    instead of idling forever beside a runner that is gone (found: two such workers, idle for
+    an hour)."""
+    code = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "from fosctrain.reproduce import watch_parent\n"
+        "watch_parent(os.getppid() + 1, interval=0.05, grace=0.5)\n"
+        "time.sleep(30)\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], timeout=25)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 20
+
+
 def test_a_worker_runs_on_while_its_runner_lives():
     code = (
         "import os, time\n"

@@ -287,15 +287,21 @@ def measure_run(run_dir: Path, n: int, steps: int) -> None:
     write_measure(result, run_dir / MEASURE_DIR)
 
 
-def watch_parent(parent_pid: int, interval: float = 2.0) -> None:
+_JOB_DONE = threading.Event()  # set when a worker's job has returned (saved state included)
+
+
+def watch_parent(parent_pid: int, interval: float = 2.0, grace: float = 60.0) -> None:
     """Worker initializer: SIGTERM this worker once its parent (the runner) is gone, so a killed
     `fosc reproduce` leaves no orphan training on (a run saves its state on SIGTERM and resumes
-    with the next `fosc reproduce`)."""
+    with the next `fosc reproduce`); then, once the job has returned or after `grace` seconds,
+    end the process: no runner will ever hand it another job."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(interval)
         os.kill(os.getpid(), signal.SIGTERM)
+        _JOB_DONE.wait(grace)
+        os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="watch-parent").start()
 
@@ -303,7 +309,10 @@ def watch_parent(parent_pid: int, interval: float = 2.0) -> None:
 def _job(config: Config, run_dir: Path, spec: EvalSpec) -> None:
     """One run in a worker process, on config.threads torch threads (training and evaluation)."""
     torch.set_num_threads(config.threads or 1)
-    execute(config, run_dir, spec)
+    try:
+        execute(config, run_dir, spec)
+    finally:
+        _JOB_DONE.set()
 
 
 # ---------------------------------------------------------------- all runs
