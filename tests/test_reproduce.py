@@ -284,6 +284,12 @@ def test_print_commands_run_through_the_cli_and_are_collected(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == ""  # nothing left to do
 
 
+def test_configs_limit_the_summary_to_those_configurations(tmp_path):
+    assert reproduce("frontier", tmp_path, "--configs", "fast", "madry-k2", "--collect") == 0
+    assert [s["config"] for s in read_csv(tmp_path / "summary.csv")] == ["madry-k2", "fast"]
+    assert "| madry-k10 |" not in (tmp_path / "summary.md").read_text()
+
+
 def test_collect_lists_unfinished_runs_without_numbers(tmp_path):
     assert reproduce("methods", tmp_path, "--collect") == 0
     rows = read_csv(tmp_path / "results.csv")

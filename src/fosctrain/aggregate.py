@@ -131,9 +131,10 @@ def collect(plan: Plan) -> list[dict[str, Any]]:
 
 
 def summarize(plan: Plan, rows: list[dict]) -> list[dict[str, Any]]:
-    """Per configuration (in the experiment's order): seeds finished and each metric's stats."""
-    out = []
-    for name in plan.experiment.configs:
+    """Per planned configuration (in the experiment's order; only those of --configs when it
+    was given): seeds finished and each metric's stats."""
+    out, planned = [], {run.config_name for run in plan.runs}
+    for name in (n for n in plan.experiment.configs if n in planned):
         mine = [r for r in rows if r["config"] == name and r["status"] == "finished"]
         entry: dict[str, Any] = {"config": name, "seeds": len(mine)}
         for metric in METRICS:
