@@ -502,7 +502,7 @@ def test_quantile_mode_trains_without_calibration(tmp_path, capsys, calibration)
 
 
 def test_c_max_auto_is_logged_with_where_it_was_measured(tmp_path, capsys):
-    cfg = small(method="dat", epochs=1, first_step_always=True)
+    cfg = small(method="dat", epochs=1, first_step_always=True, c_max="auto")
     summary = train_mod.train(cfg, tmp_path / "a", progress=True)
     err = capsys.readouterr().err
     assert f"c_max auto = {summary['c_max']:.4g}" in err and "step-1 FOSC" in err

@@ -169,9 +169,11 @@ def _dat(c_max: float | str, t_prime: float = 5 / 6, **options: Any) -> dict[str
     }
 
 
-# the methods experiment's madry and dat are spelled as the frontier's madry-k10 and dat-cauto,
-# so that `fosc reproduce methods --reuse FRONTIER_DIR` trains each of them once
-METHOD_CONFIGS = {"madry": _madry_k(10), "dat": _dat("auto")}
+# `fosc train`'s DAT (fosctrain.config.method_defaults): PGD-5 of eps/2, batch-quantile target
+DAT_DEFAULTS = _dat("auto", steps=5, alpha=Of("eps", 0.5), c_mode="quantile")
+# the methods experiment's madry and dat are spelled as the frontier's madry-k10 and
+# dat-k5-quantile, so that `fosc reproduce methods --reuse FRONTIER_DIR` trains each once
+METHOD_CONFIGS = {"madry": _madry_k(10), "dat": DAT_DEFAULTS}
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
@@ -241,7 +243,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "dat-k5": _dat("auto", steps=5, alpha=Of("eps", 0.5)),
                 # ... whose target reaches 0 only at the end (T' = T), or is a batch quantile
                 "dat-k5-t1": _dat("auto", 1.0, steps=5, alpha=Of("eps", 0.5)),
-                "dat-k5-quantile": _dat("auto", steps=5, alpha=Of("eps", 0.5), c_mode="quantile"),
+                "dat-k5-quantile": DAT_DEFAULTS,
             },
             figure="frontier",
             autoattack=True,
