@@ -138,11 +138,11 @@ def test_options_are_config_fields_checked_like_configs():
 
 def test_dat_auto_c_max_is_calibrated_on_the_first_batch_and_kept_in_its_state(batch):
     x, y = batch
-    dat = DAT(steps=3)
+    dat = DAT(steps=3, c_max="auto")
     assert dat.c_max is None and dat.extra_metrics() == {"c_max": None}
     dat.loss(create_model("mnist-cnn"), x, y, 0, generator=torch.Generator().manual_seed(0))
     assert dat.c_max > 0 and dat.state() == {"c_max": dat.c_max}
-    again = DAT(steps=3)
+    again = DAT(steps=3, c_max="auto")
     again.load_state(dat.state())
     assert again.c_max == dat.c_max
     assert again.calibrate(None, x, y, None) is None  # already calibrated: nothing to do

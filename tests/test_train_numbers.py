@@ -81,7 +81,7 @@ def test_l2_fosc_is_the_l2_formula(batch):
 
 def test_l2_calibration_and_per_epoch_test_use_l2(batch, monkeypatch):
     model, x, y = batch
-    m = create_method(small(method="dat", norm="l2", eps=2.0))
+    m = create_method(small(method="dat", norm="l2", eps=2.0, c_max="auto"))
     assert "c_max auto" in m.calibrate(model, x, y, torch.Generator().manual_seed(0))
     assert m.c_max > 0
     built = []

@@ -182,7 +182,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "fosc-vs-steps",
             "FOSC (mean, quantiles) of PGD examples against PGD steps, on a naturally and an "
             "adversarially (Madry PGD-10) trained model",
-            {"natural": dict(method="natural"), "madry": dict(method="madry")},
+            {"natural": dict(method="natural"), "madry": _madry_k(10)},
             figure="fosc-vs-steps",
             measure=True,
             seeds=1,
