@@ -140,16 +140,23 @@ def make_plan(
     return plan
 
 
+def read_manifest(out: Path) -> dict[str, Any]:
+    """{"experiment", "scale"} of a reproduce directory (None where its manifest lacks one)."""
+    path = out / MANIFEST
+    try:
+        theirs = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); not a reproduce directory?") from None
+    theirs = theirs if isinstance(theirs, dict) else {}
+    return {k: theirs.get(k) for k in ("experiment", "scale")}
+
+
 def claim_out(plan: Plan) -> None:
     """Record experiment and scale in OUT, or refuse an OUT that holds another experiment's."""
     path = plan.out / MANIFEST
     mine = {"experiment": plan.experiment.name, "scale": plan.scale.name}
     if path.is_file():
-        try:
-            theirs = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: unreadable ({e}); not a reproduce directory?") from None
-        found = {k: theirs.get(k) for k in mine} if isinstance(theirs, dict) else {}
+        found = read_manifest(plan.out)
         if found != mine:
             raise UserError(
                 f"{plan.out} holds {found.get('experiment')} at scale {found.get('scale')}, "
@@ -169,28 +176,21 @@ def status(run: Run) -> str:
 
 
 def _trained_runs(source: Path, scale: str) -> dict[str, Path]:
-    """{config hash + seed: run directory} of the trained runs of a reproduce directory at
-    `scale`; a directory of another scale (other evaluation sizes) is refused."""
-    manifest = source / MANIFEST
-    try:
-        theirs = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        raise UserError(
-            f"--reuse {source}: no readable {MANIFEST}; not a reproduce directory"
-        ) from None
-    if not isinstance(theirs, dict) or theirs.get("scale") != scale:
-        found = theirs.get("scale") if isinstance(theirs, dict) else None
+    """{config hash: run directory} of the trained runs of a reproduce directory at `scale`
+    (the hash covers the seed); a directory of another scale (other evaluation sizes) is
+    refused."""
+    found = read_manifest(source)["scale"]
+    if found != scale:
         raise UserError(f"--reuse {source} holds scale {found}, not {scale}")
-    found: dict[str, Path] = {}
+    runs: dict[str, Path] = {}
     for summary in sorted((source / "runs").glob("*/summary.json")):
         try:
             data = json.loads(summary.read_text())
-            config = json.loads((summary.parent / "config.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and isinstance(config, dict):
-            found[f"{data.get('config_hash')}-s{config.get('seed')}"] = summary.parent
-    return found
+        if isinstance(data, dict) and data.get("config_hash"):
+            runs[data["config_hash"]] = summary.parent
+    return runs
 
 
 def reuse_runs(plan: Plan, sources: list[str | Path], log=print) -> int:
@@ -204,7 +204,7 @@ def reuse_runs(plan: Plan, sources: list[str | Path], log=print) -> int:
     claim_out(plan)
     copied = 0
     for run in plan.runs:
-        key = f"{plan.config(run).hash()}-s{run.seed}"
+        key = plan.config(run).hash()
         if status(run) != "todo" or key not in known or run.dir.exists():
             continue
         tmp = run.dir.with_name(f".{run.dir.name}.reuse.tmp")
