@@ -396,6 +396,52 @@ def random_crop_flip(
     return _random_hflip(out, generator) if flip else out
 
 
+def rotate_shift(x: Tensor, degrees: Tensor, shifts: Tensor) -> Tensor:
+    """Rotate each image by `degrees` about its centre and shift it by `shifts` pixels
+    (rows, cols), bilinear, edges extended by their nearest pixel (Keras' fill_mode
+    "nearest"): the output at pixel p reads the input at R(p - c) + c + shift, with c the
+    centre and R = [[cos, -sin], [sin, cos]] on (row, col), as scipy.ndimage.affine_transform
+    with order 1 and mode "nearest"."""
+    n, _, h, w = x.shape
+    theta = torch.deg2rad(degrees.to(x.device, x.dtype))
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    shifts = shifts.to(x.device, x.dtype)
+    # affine_grid works on (col, row) in [-1, 1] (align_corners=False): one pixel is 2 / size
+    matrix = torch.stack(
+        [
+            torch.stack([cos, sin * h / w, 2 * shifts[:, 1] / w], dim=1),
+            torch.stack([-sin * w / h, cos, 2 * shifts[:, 0] / h], dim=1),
+        ],
+        dim=1,
+    )
+    grid = torch.nn.functional.affine_grid(matrix, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(
+        x, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+
+
+def random_rotate_shift_flip(
+    x: Tensor, generator: torch.Generator | None, degrees: float = 10.0, shift: float = 0.2
+) -> Tensor:
+    """The official CIFAR-10 code's augmentation (Keras ImageDataGenerator(rotation_range=10,
+    width_shift_range=0.2, height_shift_range=0.2, horizontal_flip=True)): per sample a
+    rotation uniform in +-degrees, shifts uniform in +-shift x the size, a flip with
+    probability 0.5. Deterministic given `generator`; the input is not modified."""
+    if x.dim() != 4:
+        raise UserError(f"augmentation: expected N x C x H x W inputs, got {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    angles = (2 * _draw(generator, torch.rand, n) - 1) * degrees
+    size = torch.tensor([h, w], dtype=torch.float32)
+    shifts = (2 * _draw(generator, torch.rand, n, 2).cpu() - 1) * shift * size
+    return _random_hflip(rotate_shift(x, angles, shifts), generator)
+
+
+AUGMENTATIONS: dict[str, Callable[[Tensor, torch.Generator | None], Tensor]] = {
+    "crop-flip": random_crop_flip,
+    "keras": random_rotate_shift_flip,
+}
+
+
 def fixed_subset(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The same n examples for every run and epoch (a fixed shuffle: files are class-sorted)."""
     if n <= 0 or n >= len(y):

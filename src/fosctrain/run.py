@@ -136,12 +136,32 @@ def stored_config(run_dir: Path) -> Config:
     return stored
 
 
+def decayed_weights(model: nn.Module, on: str) -> set[nn.Parameter]:
+    """The parameters --weight-decay applies to: all, the conv and linear weights (Keras'
+    kernel_regularizer on every layer), or the linear weights before the head (the last
+    linear layer), as the official CIFAR CNN's l2 on its 256-unit layer."""
+    if on == "all":
+        return set(model.parameters())
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    if on == "hidden-linear":
+        linear = [m for m in layers if isinstance(m, nn.Linear)]
+        layers = linear[:-1]
+    return {m.weight for m in layers}
+
+
 def create_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam or SGD with --weight-decay on the parameters --weight-decay-on names (one group
+    with it, one without: the order of model.parameters() is kept within each)."""
+    decayed = decayed_weights(model, config.weight_decay_on)
+    params = list(model.parameters())
+    groups = [
+        {"params": [p for p in params if p in decayed], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p not in decayed], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+        return torch.optim.Adam(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
 def build_trainer(

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from fosctrain import distributed, progress
 from fosctrain.attacks import Sampler, random_start
 from fosctrain.config import Config
-from fosctrain.data import fixed_subset, random_crop_flip
+from fosctrain.data import AUGMENTATIONS, fixed_subset
 from fosctrain.device import select_device
 from fosctrain.distributed import SUM_KEYS, Dist
 from fosctrain.errors import UserError
@@ -213,10 +213,10 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
     """Train one epoch (or what is left of it), accumulating statistics in tr.state.partial."""
     order = _epoch_order(tr)
     n_batches = math.ceil(len(order) / tr.config.batch_size)
-    set_lr(tr, epoch)
     bar = _progress_bar(tr, epoch, n_batches)
     clock = time.perf_counter()
     for b in bar:
+        set_lr(tr, epoch, epoch * n_batches + b)
         x, y, t, (lo, hi, n) = batch_shard(tr, order, epoch, b, n_batches)
         stats = train_batch(tr, x, y, t, epoch, n, tr.dist.random_starts(lo, hi, n))
         stats, stop = tr.dist.reduce_batch(stats, lo, hi, n, tr.stop_requested)
@@ -230,10 +230,12 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
     bar.close()
 
 
-def set_lr(tr: Trainer, epoch: int) -> None:
-    """The epoch's learning rate (the schedule is a pure function of the epoch)."""
+def set_lr(tr: Trainer, epoch: int, iteration: int) -> None:
+    """The learning rate of an iteration: the epoch's schedule, over 1 + lr_decay x iteration
+    (Keras' per-iteration SGD decay; a pure function of the two, so resuming needs no state)."""
     cfg = tr.config
     lr = cfg.lr * lr_factor(epoch, cfg.lr_schedule, cfg.epochs, cfg.lr_milestones, cfg.lr_gamma)
+    lr /= 1 + cfg.lr_decay * iteration
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
 
@@ -247,7 +249,7 @@ def batch_shard(
     idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
     x, y = tr.data.x_train[idx], tr.data.y_train[idx]
     if cfg.augment:
-        x = random_crop_flip(x, tr.generator)
+        x = AUGMENTATIONS[cfg.augment_style](x, tr.generator)
     t = epoch + b / n_batches if cfg.schedule_unit == "iteration" else float(epoch)
     lo, hi = tr.dist.shard(len(idx))  # this rank's rows of the global batch (all of them)
     return x[lo:hi].to(tr.device), y[lo:hi].to(tr.device), t, (lo, hi, len(idx))
