@@ -75,7 +75,9 @@ def test_one_device_picker():
 
 def test_config_hash_is_the_one_run_directories_recorded():
     c = config.Config(eps=0.2, device="cpu", threads=1)
-    d = {k: v for k, v in c.to_dict().items() if k not in config.RUNTIME_FIELDS}
+    d = c.identity()
+    assert not d.keys() & (config.RUNTIME_FIELDS | config.NEUTRAL.keys())
+    assert set(d) | config.RUNTIME_FIELDS | config.NEUTRAL.keys() == set(c.to_dict())
     recorded = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert c.hash() == config.config_hash(d) == recorded
     assert config.Config(eps=0.2, device="cuda").hash() == c.hash()

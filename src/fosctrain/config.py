@@ -203,17 +203,18 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What is trained: every option except where and how fast it runs, and except options
+        added later while they hold the value that trains as before they existed (so earlier
+        runs keep their identity: resume and --reuse still find them)."""
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in RUNTIME_FIELDS and not (k in NEUTRAL and NEUTRAL[k] == v)
+        }
+
     def hash(self) -> str:
-        """Identity of what is trained: everything except where and how fast it runs, and
-        options added later while they hold the value that trains as before they existed (so
-        earlier runs keep their identity: resume and --reuse still find them)."""
-        return config_hash(
-            {
-                k: v
-                for k, v in self.to_dict().items()
-                if k not in RUNTIME_FIELDS and not (k in NEUTRAL and NEUTRAL[k] == v)
-            }
-        )
+        return config_hash(self.identity())
 
 
 def config_hash(config: dict) -> str:
