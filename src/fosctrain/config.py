@@ -227,7 +227,6 @@ RUNTIME_FIELDS = frozenset({"device", "threads", "eval_every", "compile"})
 # options added after runs were published, at the value that trains as before they existed
 NEUTRAL: dict[str, Any] = {"weight_decay_on": "all", "lr_decay": 0.0, "augment_style": "crop-flip"}
 WEIGHT_DECAY_ON = ("all", "kernels", "hidden-linear")
-AUGMENT_STYLES = ("crop-flip", "keras")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mnist-paper": dict(
@@ -384,7 +383,7 @@ def _validate_dat(c: Config) -> None:
 
 def validate(c: Config) -> None:
     """Raise UserError (one line) for any value that cannot work."""
-    from fosctrain.data import DATASET_NAMES
+    from fosctrain.data import AUGMENTATIONS, DATASET_NAMES
     from fosctrain.models import list_models
 
     _choice("method", c.method, METHODS)
@@ -396,7 +395,7 @@ def validate(c: Config) -> None:
     _choice("schedule unit", c.schedule_unit, ("epoch", "iteration"))
     _choice("amp dtype", c.amp, (None, "bf16", "fp16"))
     _choice("weight_decay_on", c.weight_decay_on, WEIGHT_DECAY_ON)
-    _choice("augment style", c.augment_style, AUGMENT_STYLES)
+    _choice("augment style", c.augment_style, tuple(AUGMENTATIONS))
     for name in ("epochs", "batch_size", "steps", "eval_steps", "eval_every", "num_classes"):
         check_positive(name, getattr(c, name), integer=True)
     for name in ("lr", "eps", "lr_gamma"):
