@@ -61,7 +61,7 @@ def test_fast_suite_and_l2_norm():
 
 def test_version_names():
     assert aa.version_of(True) == "standard" and aa.version_of(None) is None
-    assert aa.version_of("fast") == "fast"
+    assert aa.version_of("fast") == "apgd" and aa.version_of("none") is None
     with pytest.raises(UserError, match="AutoAttack version"):
         aa.version_of("plus")
 
@@ -135,9 +135,9 @@ def test_fast_is_no_better_than_torchattacks_components_and_labelled(tmp_path):
         batch_size=10,
     )
     res = report.results[0]
-    fast = res.attacks["autoattack-fast"]
+    fast = res.attacks["apgd-ce+t"]
     assert "autoattack" not in res.attacks
-    cumulative = [res.attacks[f"autoattack-fast/{c}"].correct for c in ("apgd-ce", "apgd-t")]
+    cumulative = [res.attacks[f"apgd-ce+t/{c}"].correct for c in ("apgd-ce", "apgd-t")]
     assert cumulative[0] >= cumulative[1] == fast.correct
     with torch.no_grad():
         for atk in (
@@ -147,23 +147,23 @@ def test_fast_is_no_better_than_torchattacks_components_and_labelled(tmp_path):
             direct = int((model(atk(x, y)).argmax(1) == y).sum())
             assert fast.correct <= direct
     assert res.worst_case.correct <= fast.correct
-    assert res.settings["autoattack-fast"]["version"] == "fast"
+    assert res.settings["apgd-ce+t"]["version"] == "apgd"
     json_path, csv_path = write_report(report, tmp_path)
     saved = json.loads(json_path.read_text())
-    assert saved["settings"]["autoattack"] == "fast"
-    assert saved["settings"]["autoattack_label"] == "autoattack-fast"
+    assert saved["settings"]["autoattack"] == "apgd"
+    assert saved["settings"]["autoattack_label"] == "apgd-ce+t"
     with csv_path.open() as f:
         names = [r["attack"] for r in csv.DictReader(f)]
     assert names == [
         "clean",
         "pgd",
-        "autoattack-fast/apgd-ce",
-        "autoattack-fast/apgd-t",
-        "autoattack-fast",
+        "apgd-ce+t/apgd-ce",
+        "apgd-ce+t/apgd-t",
+        "apgd-ce+t",
         "worst_case",
     ]
     table = format_table(report)
-    assert "autoattack-fast (fast): APGD-CE + APGD-T" in table
+    assert "apgd-ce+t (apgd): APGD-CE + APGD-T" in table
     assert "APGD-T, 100 steps, 9 target classes" in table
 
 
@@ -184,7 +184,7 @@ def test_standard_reports_every_component():
 
 @pytest.mark.parametrize(
     "flags,version",
-    [([], None), (["--autoattack"], "standard"), (["--autoattack", "fast"], "fast")],
+    [([], "apgd"), (["--autoattack"], "standard"), (["--autoattack", "none"], "none")],
 )
 def test_cli_flag(flags, version):
     args = build_parser(["eval"]).parse_args(["eval", "run", *flags])

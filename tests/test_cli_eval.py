@@ -100,7 +100,19 @@ def test_eval_writes_report_and_never_overwrites(run_dir, capsys):
     assert report["results"][0]["settings"]["pgd"]["steps"] == 2
     lines = (run_dir / "eval" / "eval.csv").read_text().splitlines()
     assert lines[0] == "eps,attack,acc,ci_low,ci_high,correct,n"
-    assert len(lines) == 1 + 2 * 5
+    names = [line.split(",")[1] for line in lines[1:9]]
+    assert names == [
+        "clean",
+        "fgsm",
+        "pgd",
+        "cw",
+        "apgd-ce+t/apgd-ce",
+        "apgd-ce+t/apgd-t",
+        "apgd-ce+t",
+        "worst_case",
+    ]
+    assert len(lines) == 1 + 2 * 8
+    assert not (run_dir / "eval" / ".resume").exists()  # removed once eval.json is written
 
     assert main(["eval", str(run_dir), *FAST, "--attacks", "pgd", "--no-checks"]) == 0
     second = json.loads((run_dir / "eval" / "eval-2.json").read_text())

@@ -40,10 +40,12 @@ eval.json / eval.csv, the table), re-exported here where users import them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -179,11 +181,12 @@ def _make_attack(name: str, eps: float, cfg: _Config, steps: int | None = None) 
 
 @dataclass
 class _AttackOutcome:
-    """Per-example correctness at the attack's points and, when probed, FOSC and relative
-    FOSC at its start and final points."""
+    """Per-example correctness at the attack's points, the attack's gradient evaluations and,
+    when probed, FOSC and relative FOSC at its start and final points."""
 
     correct: Tensor
     probes: dict[str, Tensor] = field(default_factory=dict)
+    grad_evals: int = 0
 
 
 def _probe(
@@ -220,16 +223,17 @@ def _run(
     also FOSC at the start and final points (two extra gradient passes)."""
     source = craft_on if craft_on is not None else model
     dev = model_device(source)
-    correct, probes = [], []
+    correct, probes, evals = [], [], 0
     for span in _spans(x.shape[0], batch_size):
         xb, yb = x[span].to(dev), y[span].to(dev)
         res = attack(source, xb, yb, generator=generator)
+        evals += res.grad_evals
         correct.append(_correct(model, res.x_adv, yb))
         if probe_box is not None:
             probes.append(_probe(source, attack, xb, yb, res, probe_box))
         bar.update(1)
     merged = {k: torch.cat([p[k] for p in probes]) for k in probes[0]} if probes else {}
-    return _AttackOutcome(torch.cat(correct), merged)
+    return _AttackOutcome(torch.cat(correct), merged, evals)
 
 
 def _run_restarts(
@@ -245,14 +249,16 @@ def _run_restarts(
 ) -> tuple[Tensor, _AttackOutcome]:
     """Run `restarts` independent random starts; an example survives only if it survives all.
     Returns the AND mask and the first restart's outcome (probed for FOSC if `probe`)."""
-    mask, first = None, None
+    mask, first, evals = None, None, 0
     for r in range(restarts):
         gen = _generator(cfg.seed, *keys, r)
         box = cfg.fosc_box if probe and r == 0 else None
         out = _run(model, attack, x, y, cfg.batch_size, gen, bar, probe_box=box)
+        evals += out.grad_evals
         if first is None:
             first = out
         mask = out.correct if mask is None else mask & out.correct
+    first.grad_evals = evals
     return mask, first
 
 
@@ -286,24 +292,31 @@ class _EpsContext:
     source_model: nn.Module | None
     autoattack: str | None
     checks: bool
+    apgd_steps: int = aa.STEPS
+    resume: Path | None = None
 
 
 @dataclass
 class _Tally:
-    """What one eps collects: accuracies, settings and timings per attack, the worst case."""
+    """What one eps collects: accuracies, per-example masks, settings, seconds and gradient
+    evaluations per attack, and the worst case (per example: robust under every attack)."""
 
     worst: Tensor
     accs: dict[str, Accuracy] = field(default_factory=dict)
     settings: dict[str, dict] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    evals: dict[str, int] = field(default_factory=dict)
+    masks: dict[str, Tensor] = field(default_factory=dict)
 
-    def add(self, name: str, mask: Tensor, settings: dict, started: float) -> None:
-        self.record(name, mask, settings, time.perf_counter() - started)
+    def add(self, name: str, mask: Tensor, settings: dict, started: float, evals: int) -> None:
+        self.record(name, mask, settings, time.perf_counter() - started, evals)
 
-    def record(self, name: str, mask: Tensor, settings: dict, seconds: float) -> None:
+    def record(self, name: str, mask: Tensor, settings: dict, seconds: float, evals: int) -> None:
         self.timing[name] = seconds
+        self.evals[name] = evals
         self.settings[name] = settings
         self.accs[name] = Accuracy.of(mask)
+        self.masks[name] = mask.clone()
         self.worst &= mask
 
 
@@ -328,30 +341,84 @@ def _white_box(
         probe=name == "pgd",
     )
     settings = {**attack.describe(), "restarts": restarts, "alpha_rule": _alpha_rule(name, ctx.cfg)}
-    tally.add(name, mask, settings, started)
+    tally.add(name, mask, settings, started, out.grad_evals)
     return mask, out
 
 
-def _autoattack(ctx: _EpsContext, tally: _Tally, eps: float) -> None:
+def _autoattack(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> dict[str, Tensor]:
     """The AutoAttack suite: every component's cumulative accuracy ("LABEL/COMPONENT", each on
-    the examples the previous ones left robust) and the final one ("LABEL")."""
+    the examples the previous ones left robust) and the final one ("LABEL"). Resumable from
+    its last finished batch where ctx.resume names a directory. Returns APGD-CE's per-example
+    FOSC at its final points (NaN where it did not attack), keyed "apgd-ce"."""
     version, cfg = ctx.autoattack, ctx.cfg
     label = aa.LABELS[version]
     n_classes = _n_classes(ctx.model, ctx.x)
-    suite = aa.build_suite(ctx.model, version, eps, cfg.norm, n_classes, cfg.seed)
+    suite = aa.build_suite(ctx.model, version, eps, cfg.norm, n_classes, cfg.seed, ctx.apgd_steps)
 
     def on_batch(name: str) -> None:
         ctx.bar.set_description(f"eps={eps:g} {label} {name}")
         ctx.bar.update(1)
 
+    def probe(name: str, x0: Tensor, x_adv: Tensor, y: Tensor) -> Tensor | None:
+        if name != "apgd-ce":
+            return None
+        box = cfg.fosc_box and cfg.norm == "linf"
+        return point_fosc(ctx.model, x0, x_adv, y, eps, norm=cfg.norm, fosc_box=box)[0]
+
+    state = None
+    if ctx.resume is not None:
+        key = _work_key(ctx, version, eps)
+        state = (ctx.resume / f"{label}-eps{index}.json", key)
     ctx.bar.set_description(f"eps={eps:g} {label} {suite[0].name}")
-    stages = aa.run_suite(ctx.model, suite, ctx.x, ctx.y, ctx.clean, cfg.batch_size, on_batch)
+    stages = aa.run_suite(
+        ctx.model, suite, ctx.x, ctx.y, ctx.clean, cfg.batch_size, on_batch, state, probe
+    )
     for comp in suite:
         stage, settings = stages[comp.name], {**comp.settings, "cumulative": True}
-        tally.record(f"{label}/{comp.name}", stage.robust, settings, stage.seconds)
+        cost = stage.grad_evals
+        tally.record(f"{label}/{comp.name}", stage.robust, settings, stage.seconds, cost)
+        if stage.forwards:
+            tally.settings[f"{label}/{comp.name}"]["forward_passes"] = stage.forwards
     settings = aa.suite_settings(version, suite, eps, cfg.norm, cfg.seed)
     total = sum(stage.seconds for stage in stages.values())
-    tally.record(label, stages[suite[-1].name].robust, settings, total)
+    evals = sum(stage.grad_evals for stage in stages.values())
+    tally.record(label, stages[suite[-1].name].robust, settings, total, evals)
+    probed = stages["apgd-ce"].probe
+    return {} if probed is None else {"apgd-ce": probed}
+
+
+def _work_key(ctx: _EpsContext, version: str, eps: float) -> str:
+    """What a saved AutoAttack state must match to resume: the model's weights, the digits,
+    the suite and every option that changes its result."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(ctx.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in (ctx.x, ctx.y, ctx.clean):
+        h.update(tensor.contiguous().numpy().tobytes())
+    cfg = ctx.cfg
+    h.update(repr((version, eps, cfg.norm, cfg.seed, cfg.batch_size, ctx.apgd_steps)).encode())
+    return h.hexdigest()[:32]
+
+
+def _apgd_fosc(apgd: Tensor, probes: dict[str, Tensor]) -> dict[str, float]:
+    """FOSC at APGD-CE's final points beside PGD's on the same examples (those both attacked
+    from the first PGD restart's probes): the paper's question, whether the stronger attack
+    ends nearer a stationary point."""
+    both = ~torch.isnan(apgd)
+    if "fosc_final" in probes:
+        both &= ~torch.isnan(probes["fosc_final"])
+    if not both.any():
+        return {}
+    out = {
+        "apgd_ce_n": int(both.sum()),
+        "apgd_ce_mean": apgd[both].mean().item(),
+        "apgd_ce_median": apgd[both].median().item(),
+    }
+    if "fosc_final" in probes:
+        pgd = probes["fosc_final"].double()[both]
+        out.update(pgd_same_mean=pgd.mean().item(), pgd_same_median=pgd.median().item())
+    return out
 
 
 def _transfer(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> None:
@@ -369,7 +436,7 @@ def _transfer(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> None:
         "alpha_rule": _alpha_rule("pgd", ctx.cfg),
         "crafted_on": "source_model",
     }
-    tally.add("transfer", out.correct, settings, started)
+    tally.add("transfer", out.correct, settings, started, out.grad_evals)
 
 
 def _evaluate_eps(ctx: _EpsContext, index: int, eps: float) -> tuple[EpsResult, list[str]]:
@@ -377,12 +444,15 @@ def _evaluate_eps(ctx: _EpsContext, index: int, eps: float) -> tuple[EpsResult, 
     tally = _Tally(ctx.clean.clone())
     fosc: dict[str, float] = {}
     pgd_mask: Tensor | None = None
+    probes: dict[str, Tensor] = {}
     for name in ctx.cfg.attacks:
         mask, out = _white_box(ctx, tally, index, eps, name)
         if name == "pgd":
-            pgd_mask, fosc = mask, _fosc_summary(out.probes)
+            pgd_mask, fosc, probes = mask, _fosc_summary(out.probes), out.probes
     if ctx.autoattack:
-        _autoattack(ctx, tally, eps)
+        probed = _autoattack(ctx, tally, index, eps)
+        if "apgd-ce" in probed:
+            fosc.update(_apgd_fosc(probed["apgd-ce"], probes))
     if ctx.source_model is not None:
         _transfer(ctx, tally, index, eps)
     numbers: dict[str, float] = {}
@@ -398,6 +468,8 @@ def _evaluate_eps(ctx: _EpsContext, index: int, eps: float) -> tuple[EpsResult, 
         tally.settings,
         numbers,
         tally.timing,
+        tally.evals,
+        {"clean": ctx.clean, **tally.masks, "worst_case": tally.worst},
     )
     return result, warnings
 
@@ -489,20 +561,26 @@ def evaluate(
     batch_size: int = 500,
     norm: str = "linf",
     seed: int = 0,
-    autoattack: bool | str | None = None,
+    autoattack: bool | str | None = "apgd",
+    apgd_steps: int = aa.STEPS,
     source_model: nn.Module | None = None,
     checks: bool = True,
     check_n: int = CHECK_N,
     fosc_box: bool = True,
     progress: bool = True,
+    resume: str | Path | None = None,
 ) -> EvalReport:
-    """Clean and robust accuracy of `model` on (x, y) at every eps of `eps_list`.
+    """Clean and robust accuracy of `model` on (x, y) at every eps of `eps_list`, every attack
+    on the same examples, the worst case taken per example.
 
     `alpha` (absolute) overrides the default step size 2.5 * eps / steps of PGD and C&W.
-    `autoattack`: None, "standard" (Croce & Hein's suite; True means this) or "fast"
-    (APGD-CE + APGD-T, reported as "autoattack-fast").
+    `autoattack`: the AutoAttack-strength attack, by default "apgd" (APGD-CE + APGD-T of
+    `apgd_steps` steps, reported as "apgd-ce+t"); "standard" (Croce & Hein's whole suite; True
+    means this), "apgd-ce" (APGD-CE alone) or None.
     `source_model` adds a black-box transfer attack (PGD crafted on it). The model runs in eval
-    mode with frozen parameters; both are restored afterwards.
+    mode with frozen parameters; both are restored afterwards. `resume`: a directory where the
+    AutoAttack part saves its progress after every batch; an evaluation killed there resumes
+    from its last finished batch when called again with the same model, data and options.
     """
     attacks = (attacks,) if isinstance(attacks, str) else tuple(attacks)
     cfg = _Config(
@@ -515,9 +593,10 @@ def evaluate(
     eps_values = validate_eps(eps_list, norm)
     _check_data(x, y)
     x, y = x.detach().cpu(), y.detach().cpu()
+    check_positive("apgd_steps", apgd_steps, integer=True)
     if autoattack:
         aa.require_torchattacks()
-        aa.check_classes(_n_classes(model, x))
+        aa.check_classes(_n_classes(model, x), autoattack)
     start = time.perf_counter()
     pgd_checks = checks and "pgd" in attacks
     total = _progress_total(
@@ -526,7 +605,10 @@ def evaluate(
     bar = tqdm(total=total, disable=None if progress else True, unit="batch", leave=False)
     with bar, attack_mode(model), _maybe_attack_mode(source_model):
         clean = torch.cat([_correct(model, x[s], y[s]) for s in _spans(x.shape[0], batch_size)])
-        ctx = _EpsContext(model, x, y, clean, cfg, bar, source_model, autoattack, checks)
+        resume_dir = Path(resume) if resume is not None else None
+        ctx = _EpsContext(
+            model, x, y, clean, cfg, bar, source_model, autoattack, checks, apgd_steps, resume_dir
+        )
         results, warnings = [], []
         for i, eps in enumerate(eps_values):
             result, found = _evaluate_eps(ctx, i, eps)
@@ -536,7 +618,7 @@ def evaluate(
         if pgd_checks:
             global_checks, found = _check_large_eps(ctx, eps_values)
             warnings += found
-    settings = _settings(cfg, eps_values, autoattack, source_model is not None, checks)
+    settings = _settings(cfg, eps_values, autoattack, source_model is not None, checks, apgd_steps)
     elapsed = time.perf_counter() - start
     return EvalReport(
         int(x.shape[0]), norm, seed, results, settings, global_checks, warnings, elapsed
@@ -568,7 +650,12 @@ def _maybe_attack_mode(model: nn.Module | None) -> contextlib.AbstractContextMan
 
 
 def _settings(
-    cfg: _Config, eps: list[float], autoattack: str | None, transfer: bool, checks: bool
+    cfg: _Config,
+    eps: list[float],
+    autoattack: str | None,
+    transfer: bool,
+    checks: bool,
+    apgd_steps: int,
 ) -> dict:
     """The evaluation's options, for eval.json (per-attack settings live in each result)."""
     return {
@@ -587,6 +674,7 @@ def _settings(
         "seed": cfg.seed,
         "fosc_box": cfg.fosc_box,
         "autoattack": autoattack,
+        "apgd_steps": apgd_steps,
         "transfer": transfer,
         "checks": checks,
         "check_n": cfg.check_n,

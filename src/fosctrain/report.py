@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from fosctrain.files import atomic_write_json, atomic_write_text
 from fosctrain.intervals import Accuracy
 
@@ -25,6 +28,8 @@ class EpsResult:
     settings: dict[str, dict]
     checks: dict[str, float]
     time_s: dict[str, float]
+    grad_evals: dict[str, int] = field(default_factory=dict)
+    per_example: dict[str, Tensor] = field(default_factory=dict)  # correct masks, same examples
 
     def rows(self) -> list[tuple[str, Accuracy]]:
         """(name, accuracy) for the clean pass, every attack and the worst case."""
@@ -40,7 +45,19 @@ class EpsResult:
             "settings": self.settings,
             "checks": self.checks,
             "time_s": self.time_s,
+            "grad_evals": self.grad_evals,
+            "per_example": {k: mask_bits(v) for k, v in self.per_example.items()},
         }
+
+
+def mask_bits(mask: Tensor) -> str:
+    """A per-example correct mask as a string of 0s and 1s, in the examples' order."""
+    return "".join("1" if v else "0" for v in mask.tolist())
+
+
+def bits_mask(bits: str) -> Tensor:
+    """The mask back from mask_bits' string."""
+    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
 
 
 @dataclass
@@ -144,22 +161,35 @@ def format_table(report: EvalReport) -> str:
     size, then FOSC and the warnings."""
     lines = [f"{report.n} examples, norm {report.norm}, seed {report.seed}, {report.time_s:.1f} s"]
     width = max([12, *(len(name) + 2 for r in report.results for name, _ in r.rows())])
-    header = f"{'eps':>8}  {'attack':<{width}}{'accuracy':>9}  {'95% CI':<17} settings"
+    header = (
+        f"{'eps':>8}  {'attack':<{width}}{'accuracy':>9}  {'95% CI':<17} {'seconds':>8} "
+        f"{'grad evals':>11}  settings"
+    )
     lines += [header, "-" * len(header)]
     for r in report.results:
         for name, acc in r.rows():
             lo, hi = acc.ci
             note = attack_note(r.settings.get(name, {}))
+            seconds = f"{r.time_s[name]:8.1f}" if name in r.time_s else f"{'':8}"
+            evals = f"{r.grad_evals[name]:11,}" if name in r.grad_evals else f"{'':11}"
             lines.append(
-                f"{r.eps:>8.4g}  {name:<{width}}{acc.acc:>8.2%}  [{lo:6.2%}, {hi:6.2%}]  {note}"
+                f"{r.eps:>8.4g}  {name:<{width}}{acc.acc:>8.2%}  [{lo:6.2%}, {hi:6.2%}] "
+                f"{seconds} {evals}  {note}"
             )
-        if r.fosc:
+        if "mean" in r.fosc:
             f = r.fosc
             lines.append(
                 f"{'':>8}  PGD final FOSC: mean {f['mean']:.4g}, median "
                 f"{f['median']:.4g}, p90 {f['p90']:.4g} (start: mean "
                 f"{f['first_step_mean']:.4g}); relative {f['relative_mean']:.3f} "
                 f"(start: {f['relative_first_mean']:.3f})"
+            )
+        if r.fosc.get("apgd_ce_n"):
+            f = r.fosc
+            pgd = f" (PGD's: mean {f['pgd_same_mean']:.4g})" if "pgd_same_mean" in f else ""
+            lines.append(
+                f"{'':>8}  APGD-CE final FOSC on the {f['apgd_ce_n']} examples both attacked: "
+                f"mean {f['apgd_ce_mean']:.4g}, median {f['apgd_ce_median']:.4g}{pgd}"
             )
     if report.checks:
         c = report.checks

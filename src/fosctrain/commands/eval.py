@@ -11,12 +11,13 @@ eval-3, ... is used, unless --overwrite is given.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from fosctrain.autoattack import VERSIONS
+from fosctrain.autoattack import ALIASES, STEPS, VERSIONS
 from fosctrain.data import fixed_subset, load_dataset
 from fosctrain.device import select_device
 from fosctrain.errors import UserError, check_positive
@@ -31,6 +32,14 @@ from fosctrain.evaluate import (
 from fosctrain.runs import LoadedModel, load_model, read_config, resolve_checkpoint
 
 REQUIRED_CONFIG = ("model",)
+RESUME_DIR = ".resume"  # AutoAttack's progress, per batch, until eval.json is written
+# measured (`fosc eval runs/NAME --n 1000`, commit of issue 18) on fosc train's default DAT model
+# (clean 97%, 1 torch thread, this 2-core machine): see docs/RESULTS.md, "Evaluation cost"
+COST_NOTE = (
+    "Measured cost per 100 digits on one CPU thread for a robust MNIST CNN: PGD-20 0.7 s, "
+    "APGD-CE ~4 s, APGD-T ~25 s, the standard suite ~90 s (FAB-T and Square on the examples "
+    "APGD leaves)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--autoattack",
         nargs="?",
         const="standard",
-        choices=VERSIONS,
-        help="also run AutoAttack: standard (the flag alone; APGD-CE, APGD-T, FAB-T, Square with "
-        "Croce & Hein's settings) or fast (APGD-CE + APGD-T, reported as autoattack-fast)",
+        default="apgd",
+        choices=(*VERSIONS, *ALIASES, "none"),
+        help="the AutoAttack-strength attack, run on the same examples as the others: apgd "
+        "(default; APGD-CE + APGD-T, 100 steps each, 9 target classes), standard (the flag "
+        "alone: Croce & Hein's whole suite, + FAB-T and Square), apgd-ce (APGD-CE alone) or "
+        f"none. {COST_NOTE}",
+    )
+    parser.add_argument(
+        "--apgd-steps", type=int, default=STEPS, help=f"APGD / FAB iterations (default {STEPS})"
     )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     parser.add_argument("--out", help="output directory (default: RUN/eval)")
@@ -132,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     attacks = args.attacks or (ATTACK_NAMES if norm == "linf" else L2_ATTACKS)
     x, y = load_test_examples(config, args.dataset, args.data_dir, args.n)
     source = _source_model(args.source, args.which, device)
+    out_dir = Path(args.out) if args.out else run_dir / "eval"
     report = evaluate(
         loaded.model,
         x,
@@ -146,14 +162,16 @@ def run(args: argparse.Namespace) -> int:
         norm=norm,
         seed=args.seed,
         autoattack=args.autoattack,
+        apgd_steps=args.apgd_steps,
         source_model=source,
         checks=not args.no_checks,
         progress=not args.no_progress,
+        resume=out_dir / RESUME_DIR,
     )
     report.meta = _meta(args, loaded, _labels(x, y))
-    out_dir = Path(args.out) if args.out else run_dir / "eval"
     stem = free_stem(out_dir, "eval", (".json", ".csv"), args.overwrite)
     paths = write_report(report, out_dir, stem)
+    shutil.rmtree(out_dir / RESUME_DIR, ignore_errors=True)  # the results are safe now
     print(format_table(report))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
