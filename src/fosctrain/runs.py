@@ -18,7 +18,7 @@ from torch import nn
 
 from fosctrain.errors import UserError
 from fosctrain.models import create_model
-from fosctrain.weights import load_weights
+from fosctrain.weights import fit_weights, load_weights
 
 try:
     import fcntl
@@ -127,10 +127,5 @@ def load_model(
     run_dir, ckpt = resolve_checkpoint(path, which)
     config = config if config is not None else read_config(run_dir)
     model = build_model(config)
-    state = load_weights(ckpt)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{ckpt}: weights do not fit model {config['model']!r} ({first})") from None
+    fit_weights(model, load_weights(ckpt), ckpt, config["model"])
     return LoadedModel(model.to(device).eval(), config, ckpt)

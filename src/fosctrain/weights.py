@@ -1,16 +1,17 @@
 """Model weights from a user-given file: a fosctrain checkpoint, a plain safetensors state dict,
 or a `.pt`/`.pth` state dict read with `torch.load(weights_only=True)`, never unpickling
-arbitrary objects."""
+arbitrary objects; and those weights loaded into a model, strictly."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fosctrain.checkpoint import (
     FORMAT,
@@ -25,11 +26,12 @@ from fosctrain.checkpoint import (
 )
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, Tensor]:
+def load_weights(path: str | os.PathLike, *, allow_pickle: bool = True) -> dict[str, Tensor]:
     """Model weights from a user-given file, never unpickling arbitrary objects.
 
     Accepts a checkpoint (its .safetensors, its .json or its stem), a plain safetensors state
-    dict, or a .pt/.pth state dict readable by `torch.load(weights_only=True)`.
+    dict, or a .pt/.pth state dict readable by `torch.load(weights_only=True)`; the latter only
+    with `allow_pickle`, since even restricted unpickling is a larger surface than safetensors.
     """
     p = Path(path)
     if p.suffix == JSON_SUFFIX:
@@ -40,7 +42,36 @@ def load_weights(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CheckpointError(f"weights file {p} does not exist")
     if p.suffix == TENSOR_SUFFIX:
         return _load_safetensors_weights(p)
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{p} is not a .safetensors file and reading it means unpickling, which can run "
+            "code; convert it to safetensors (safetensors.torch.save_file) or pass --allow-pickle"
+        )
     return _load_torch_weights(p)
+
+
+def fit_weights(
+    model: nn.Module, state: dict[str, Tensor], path: str | os.PathLike, name: str
+) -> None:
+    """Load `state` into `model` with strict=True, or CheckpointError naming the file, the model
+    and the first problem (a missing or unexpected key, a shape mismatch)."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        first = _first_problem(problems[0]) if problems else one_line(exc)
+        raise CheckpointError(f"{path}: weights do not fit model {name!r} ({first})") from None
+
+
+def _first_problem(message: str) -> str:
+    """torch's 'Missing key(s) in state_dict: "a", "b". ' as 'missing key a (and 1 more)';
+    any other message (e.g. 'size mismatch for ...') on one line."""
+    match = re.match(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)", message)
+    keys = re.findall(r'"([^"]*)"', match.group(2)) if match else []
+    if not keys:
+        return one_line(message).rstrip(".")
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    return f"{match.group(1).lower()} key {keys[0]}{more}"
 
 
 def _load_safetensors_weights(path: Path) -> dict[str, Tensor]:

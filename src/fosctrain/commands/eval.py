@@ -1,5 +1,7 @@
 """`fosc eval CHECKPOINT_OR_RUN`: robust accuracy under FGSM, PGD, C&W-inf (and optionally
-AutoAttack and a transfer attack), with 95% intervals and gradient-masking checks.
+AutoAttack and a transfer attack), with 95% intervals and gradient-masking checks. A model trained
+elsewhere comes instead as `--factory MODULE:FUNCTION --weights FILE` (fosctrain.external), with
+--dataset, --eps and --out given, since there is no run to take them from.
 
 Defaults come from the run: eps from its config.json, data = a fixed mixed-class subset of --n
 examples of its dataset's test split (data.fixed_subset: the files are class-sorted). Results
@@ -29,6 +31,7 @@ from fosctrain.evaluate import (
     format_table,
     write_report,
 )
+from fosctrain.external import META_KEYS, load_external_model
 from fosctrain.runs import LoadedModel, load_model, read_config, resolve_checkpoint
 
 REQUIRED_CONFIG = ("model",)
@@ -44,7 +47,12 @@ COST_NOTE = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--eps", type=float, nargs="+", help="budgets (default: the run's eps)")
+    parser.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        help="budgets (default: the run's eps; needed with --factory)",
+    )
     parser.add_argument(
         "--attacks",
         nargs="+",
@@ -73,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--apgd-steps", type=int, default=STEPS, help=f"APGD / FAB iterations (default {STEPS})"
     )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
-    parser.add_argument("--out", help="output directory (default: RUN/eval)")
+    parser.add_argument("--out", help="output directory (default: RUN/eval; needed with --factory)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier eval.json in --out"
     )
@@ -82,9 +90,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the verbs that load a trained model and its test data."""
-    parser.add_argument("target", metavar="CHECKPOINT_OR_RUN", help="run directory or checkpoint")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint")
-    parser.add_argument("--dataset", help="dataset name (default: the run's)")
+    parser.add_argument(
+        "target",
+        metavar="CHECKPOINT_OR_RUN",
+        nargs="?",
+        help="run directory or checkpoint (or, for a model trained elsewhere, --factory and "
+        "--weights)",
+    )
+    parser.add_argument(
+        "--which",
+        choices=("best", "last"),
+        default="best",
+        help="checkpoint of a run directory (default best); not used for a --factory model",
+    )
+    parser.add_argument(
+        "--factory",
+        metavar="MODULE:FUNCTION",
+        help="a model trained elsewhere: a Python function, called with no arguments, that "
+        "returns the nn.Module (e.g. mymodels:make_net; the current directory is importable); "
+        "needs --weights, --dataset, --eps and --out",
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="the --factory model's weights, loaded strictly: a safetensors state dict or a "
+        "fosctrain checkpoint (a .pt/.pth state dict only with --allow-pickle)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept a .pt/.pth --weights file, read with torch.load(weights_only=True); "
+        "unpickling can run code, so pass this only for files you trust (or convert them to "
+        "safetensors)",
+    )
+    parser.add_argument(
+        "--dataset", help="dataset name (default: the run's; needed with --factory)"
+    )
     parser.add_argument("--data-dir", help="dataset directory (default: the run's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random starts")
     parser.add_argument("--batch-size", type=int, default=500, help="attack batch size")
@@ -103,13 +144,44 @@ def load_target(target: str, which: str, device: torch.device) -> tuple[LoadedMo
     return load_model(ckpt, which=which, config=config, device=device), run_dir
 
 
+def load_given_model(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[LoadedModel, Path | None]:
+    """The model the command line names (CHECKPOINT_OR_RUN, or --factory with --weights) and its
+    run directory, None for a --factory model (whose results go to --out, then required)."""
+    external = args.factory is not None or args.weights is not None
+    if external and args.target is not None:
+        raise UserError(f"give CHECKPOINT_OR_RUN ({args.target}) or --factory/--weights, not both")
+    if not external:
+        if args.target is None:
+            raise UserError(
+                "give CHECKPOINT_OR_RUN, or a model trained elsewhere as "
+                "--factory MODULE:FUNCTION --weights FILE"
+            )
+        if args.allow_pickle:
+            raise UserError("--allow-pickle goes with --factory and --weights")
+        return load_target(args.target, args.which, device)
+    if args.factory is None or args.weights is None:
+        raise UserError("--factory and --weights go together; give both")
+    if args.out is None:
+        raise UserError("--out is needed with --factory (a model trained elsewhere has no run dir)")
+    loaded = load_external_model(
+        args.factory, args.weights, allow_pickle=args.allow_pickle, device=device
+    )
+    return loaded, None
+
+
+def _origin(config: dict) -> str:
+    return "a --factory model" if "factory" in config else "the run's config"
+
+
 def load_test_examples(config: dict, dataset: str | None, data_dir: str | None, n: int) -> tuple:
     """A fixed mixed-class subset of n examples (all, for n >= its size) of the test split of
     the run's (or the given) dataset: the first n of a class-sorted file would be one class."""
     check_positive("--n", n, integer=True)
     name = dataset or config.get("dataset")
     if not name:
-        raise UserError("the run's config names no dataset; give --dataset")
+        raise UserError(f"{_origin(config)} names no dataset; give --dataset")
     ds = load_dataset(name, data_dir if data_dir is not None else config.get("data_dir"))
     return fixed_subset(ds.x_test, ds.y_test, n)
 
@@ -119,7 +191,7 @@ def default_eps(config: dict, given: list[float] | None) -> list[float]:
         return list(given)
     eps = config.get("eps")
     if eps is None:
-        raise UserError("the run's config has no eps; give --eps")
+        raise UserError(f"{_origin(config)} has no eps; give --eps")
     return list(eps) if isinstance(eps, list) else [eps]
 
 
@@ -141,7 +213,7 @@ def _source_model(source: str | None, which: str, device: torch.device) -> nn.Mo
 
 def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
-    loaded, run_dir = load_target(args.target, args.which, device)
+    loaded, run_dir = load_given_model(args, device)
     config = loaded.config
     norm = config.get("norm", "linf")
     attacks = args.attacks or (ATTACK_NAMES if norm == "linf" else L2_ATTACKS)
@@ -192,4 +264,5 @@ def _meta(args: argparse.Namespace, loaded: LoadedModel, data: dict) -> dict:
         "split": "test",
         "data": data,
         "source": args.source,
+        **{k: config[k] for k in META_KEYS if k in config},
     }

@@ -5,6 +5,8 @@ Defaults come from the run: eps and norm from its config.json, data = a fixed mi
 subset of --n examples of its test split; alpha defaults to eps / 4 (the paper's setting).
 Writes measure.csv and measure.png into --out (default RUN/measure/); an earlier measurement
 there is never overwritten silently (the next free name measure-2, ... is used) unless --overwrite.
+A model trained elsewhere comes as `--factory MODULE:FUNCTION --weights FILE`, with --dataset,
+--eps and --out given.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from fosctrain.commands.eval import (
     add_model_arguments,
     default_eps,
     free_stem,
-    load_target,
+    load_given_model,
     load_test_examples,
 )
 from fosctrain.device import select_device
@@ -28,7 +30,9 @@ from fosctrain.plots import plot_measure
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=40, help="PGD steps (default 40)")
-    parser.add_argument("--eps", type=float, help="budget (default: the run's eps)")
+    parser.add_argument(
+        "--eps", type=float, help="budget (default: the run's eps; needed with --factory)"
+    )
     parser.add_argument("--alpha", type=float, help="step size (default eps / 4)")
     parser.add_argument(
         "--no-random-start", action="store_true", help="start PGD at the clean examples"
@@ -39,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fosc-box", action="store_true", help="box-aware FOSC instead of the paper's form"
     )
     parser.add_argument("--log-y", action="store_true", help="logarithmic FOSC axis")
-    parser.add_argument("--out", help="output directory (default: RUN/measure)")
+    parser.add_argument(
+        "--out", help="output directory (default: RUN/measure; needed with --factory)"
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier measure.csv in --out"
     )
@@ -47,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = select_device(args.device)
-    loaded, run_dir = load_target(args.target, args.which, device)
+    loaded, run_dir = load_given_model(args, device)
     config = loaded.config
     eps = default_eps(config, None if args.eps is None else [args.eps])
     if len(eps) != 1:
