@@ -17,13 +17,20 @@ from typing import Any
 from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
 
-ACCURACIES = ("clean", "fgsm", "pgd", "cw", "autoattack")
+# on the final report's test digits (eval/), every column on the same ones
+ACCURACIES = ("clean", "fgsm", "pgd", "cw", "apgd", "worst")
+# on the first autoattack_n of them, where the standard AutoAttack ran (eval-autoattack/): the
+# other attacks' per-example results restricted to those digits, so the columns share them
+AA_ACCURACIES = ("aa_clean", "aa_pgd", "aa_apgd", "autoattack", "aa_worst")
 VALIDATION = ("val_clean", "val_pgd")  # the last epoch's, on the validation slice: for choosing
 LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "C&W-inf",
-          "autoattack": "AutoAttack", "val_clean": "val clean", "val_pgd": "val PGD-20",
+          "apgd": "APGD-CE+T", "worst": "worst case", "aa_clean": "clean",
+          "aa_pgd": "PGD-20", "aa_apgd": "APGD-CE+T", "autoattack": "AutoAttack",
+          "aa_worst": "worst case", "val_clean": "val clean", "val_pgd": "val robust",
           "grad_evals": "grad evals", "train_time_s": "train s",
           "eval_time_s": "eval s"}  # fmt: skip
-METRICS = (*ACCURACIES, *VALIDATION, "grad_evals", "train_time_s", "eval_time_s")
+MAIN_METRICS = (*ACCURACIES, *VALIDATION, "grad_evals", "train_time_s", "eval_time_s")
+METRICS = (*MAIN_METRICS, *AA_ACCURACIES)
 RUN_COLUMNS = ("config", "seed", "status", *METRICS, "attack_grad_evals", "epochs", "run_dir")
 SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high")
 
@@ -84,28 +91,72 @@ def _acc(entry: Any) -> float:
     return _number(entry.get("acc") if isinstance(entry, dict) else None)
 
 
-def eval_numbers(path: Path) -> dict[str, float]:
-    """Accuracies and time of an eval.json (its first eps): clean and every attack."""
-    report = _read_json(path)
+def _first_result(report: dict) -> dict:
     results = report.get("results") or [{}]
-    first = results[0] if isinstance(results[0], dict) else {}
+    return results[0] if isinstance(results[0], dict) else {}
+
+
+def eval_numbers(path: Path) -> dict[str, float]:
+    """Accuracies and time of an eval.json (its first eps): clean, every attack (the
+    AutoAttack-strength "apgd-ce+t" as "apgd") and the per-example worst case."""
+    report = _read_json(path)
+    first = _first_result(report)
     attacks = first.get("attacks") if isinstance(first.get("attacks"), dict) else {}
     out = {"clean": _acc(first.get("clean")), **{k: _acc(v) for k, v in attacks.items()}}
+    out["apgd"] = out.get("apgd-ce+t", math.nan)
+    out["worst"] = _acc(first.get("worst_case"))
     out["time_s"] = report.get("time_s", math.nan)
     return out
 
 
+def _masks(path: Path) -> dict[str, str]:
+    """The per-example correct masks of an eval.json's first eps (as strings of 0/1)."""
+    per_example = _first_result(_read_json(path)).get("per_example")
+    return per_example if isinstance(per_example, dict) else {}
+
+
+def _share(bits: str) -> float:
+    return bits.count("1") / len(bits) if bits else math.nan
+
+
+def autoattack_numbers(run_dir: Path) -> dict[str, float]:
+    """The AutoAttack digits' table row: the standard AutoAttack and, from the main report's
+    per-example results on the same (first n) digits, clean, PGD-20, APGD-CE+T and the worst
+    case over every attack of both reports; NaN where a report lacks per-example results."""
+    aa_masks = _masks(run_dir / AUTOATTACK_DIR / "eval.json")
+    main = _masks(run_dir / EVAL_DIR / "eval.json")
+    out = {k: math.nan for k in AA_ACCURACIES}
+    out["autoattack"] = eval_numbers(run_dir / AUTOATTACK_DIR / "eval.json").get(
+        "autoattack", math.nan
+    )
+    n = len(aa_masks.get("autoattack", ""))
+    if not n or not main or len(main.get("clean", "")) < n:
+        return out
+    prefix = {k: v[:n] for k, v in main.items()}
+    out.update(
+        aa_clean=_share(prefix["clean"]),
+        aa_pgd=_share(prefix.get("pgd", "")),
+        aa_apgd=_share(prefix.get("apgd-ce+t", "")),
+        autoattack=_share(aa_masks["autoattack"]),
+    )
+    both = [prefix["worst_case"], aa_masks["worst_case"]]
+    out["aa_worst"] = _share(
+        "".join("1" if all(m[i] == "1" for m in both) else "0" for i in range(n))
+    )
+    return out
+
+
 def run_numbers(run_dir: Path) -> dict[str, Any]:
-    """The numbers of one run: final-report accuracies, the last epoch's validation
-    accuracies, grad evals, wall-clock."""
+    """The numbers of one run: final-report accuracies, the AutoAttack digits' row, the last
+    epoch's validation accuracies, grad evals, wall-clock."""
     summary = _read_json(run_dir / "summary.json")
     main = eval_numbers(run_dir / EVAL_DIR / "eval.json")
     row: dict[str, Any] = {k: main.get(k, math.nan) for k in ACCURACIES}
+    row.update({k: math.nan for k in AA_ACCURACIES})
     eval_time = main.get("time_s", math.nan)
     if (run_dir / AUTOATTACK_DIR / "eval.json").is_file():
-        aa = eval_numbers(run_dir / AUTOATTACK_DIR / "eval.json")
-        row["autoattack"] = aa.get("autoattack", math.nan)
-        eval_time += aa.get("time_s", math.nan)
+        row.update(autoattack_numbers(run_dir))
+        eval_time += eval_numbers(run_dir / AUTOATTACK_DIR / "eval.json").get("time_s", math.nan)
     row["eval_time_s"] = eval_time
     final = summary.get("final") if isinstance(summary.get("final"), dict) else {}
     row["val_clean"] = _number(final.get("val_clean_acc"))
@@ -168,7 +219,7 @@ def _md_value(entry: dict, metric: str) -> str:
     lo, hi = entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]
     if math.isnan(mean):
         return "–"
-    if metric in ACCURACIES or metric in VALIDATION:
+    if metric in ACCURACIES or metric in VALIDATION or metric in AA_ACCURACIES:
         text = f"{100 * mean:.1f}"
         if not math.isnan(std):
             text += f" ± {100 * std:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
@@ -176,26 +227,44 @@ def _md_value(entry: dict, metric: str) -> str:
     return f"{mean:,.0f}" if metric == "grad_evals" else f"{mean:.0f}"
 
 
-def summary_markdown(plan: Plan, summary: list[dict]) -> str:
-    """A markdown table: accuracy % as mean ± std [95% t-interval] over seeds."""
-    shown = [m for m in METRICS if any(not math.isnan(e[f"{m}_mean"]) for e in summary)]
-    exp, scale = plan.experiment, plan.scale
+def _md_table(summary: list[dict], metrics: tuple[str, ...]) -> list[str]:
+    """Rows of the configurations with any of `metrics`, columns of the metrics any has."""
+    shown = [m for m in metrics if any(not math.isnan(e[f"{m}_mean"]) for e in summary)]
+    rows = [e for e in summary if any(not math.isnan(e[f"{m}_mean"]) for m in shown)]
     lines = [
-        f"# {exp.name} at scale {scale.name}",
-        "",
-        f"{exp.description}. Scale: {scale.description}. Final report on a fixed subset of "
-        f"{plan.spec.n} test examples"
-        + (f" (AutoAttack: {plan.spec.autoattack_n})" if plan.spec.autoattack_n else "")
-        + ", last checkpoint; accuracy in % as mean ± sample std [95% t-interval] over seeds; "
-        "val: the last epoch's accuracy on the validation slice of the training data (what "
-        "to choose by); grad evals and seconds are means.",
-        "",
         "| configuration | seeds | " + " | ".join(LABELS[m] for m in shown) + " |",
         "|---|---:|" + "---:|" * len(shown),
     ]
-    for e in summary:
+    for e in rows:
         cells = [e["config"], str(e["seeds"]), *(_md_value(e, m) for m in shown)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(plan: Plan, summary: list[dict]) -> str:
+    """Markdown tables, one per digit set: accuracy % as mean ± std [95% t-interval] over
+    seeds."""
+    exp, scale, spec = plan.experiment, plan.scale, plan.spec
+    lines = [
+        f"# {exp.name} at scale {scale.name}",
+        "",
+        f"{exp.description}. Scale: {scale.description}. Last checkpoint; accuracy in % as "
+        "mean ± sample std [95% t-interval] over seeds; worst case: per digit, over every "
+        "attack of the table; val: the last epoch's accuracy on the validation slice of the "
+        "training data (what to choose by); grad evals and seconds are means.",
+        "",
+        f"## On the first {spec.n} test digits (class-interleaved; every column on them)",
+        "",
+        *_md_table(summary, MAIN_METRICS),
+    ]
+    if spec.autoattack_n and any(not math.isnan(e["autoattack_mean"]) for e in summary):
+        n = min(spec.autoattack_n, spec.n)
+        lines += [
+            "",
+            f"## On the first {n} test digits, with the standard AutoAttack (every column on them)",
+            "",
+            *_md_table(summary, AA_ACCURACIES),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -128,18 +128,22 @@ def build_suite(
     n_classes: int,
     seed: int,
     steps: int = STEPS,
+    targets: int | None = None,
 ) -> list[Component]:
     """The components of `version` at budget eps, with Croce & Hein's settings (`steps`: the
-    APGD and FAB iterations, 100 in the standard suite), each on its own counting wrapper."""
+    APGD and FAB iterations, 100 in the standard suite; `targets`: APGD-T's target classes,
+    all n_classes - 1 in the standard suite, the most likely first), each on its own counting
+    wrapper."""
     ta = require_torchattacks()
     version = version_of(version)
     check_classes(n_classes, version)
     ta_norm = {"linf": "Linf", "l2": "L2"}[norm]
     common = dict(eps=eps, norm=ta_norm, seed=seed, n_restarts=1)
-    targets = n_classes - 1
+    fab_targets = n_classes - 1
+    targets = fab_targets if targets is None else targets
     makers = {
         "apgd-ce": lambda m: ta.APGD(m, steps=steps, loss="ce", **common),
-        "apgd-t": lambda m: ta.APGDT(m, steps=steps, n_classes=n_classes, **common),
+        "apgd-t": lambda m: ta.APGDT(m, steps=steps, n_classes=targets + 1, **common),
         "fab-t": lambda m: ta.FAB(
             m, steps=steps, multi_targeted=True, n_classes=n_classes, **common
         ),
@@ -154,7 +158,9 @@ def build_suite(
             target_classes=targets,
             alpha="adaptive (APGD)",
         ),
-        "fab-t": dict(name="FAB-T", steps=steps, target_classes=targets, alpha="FAB projection"),
+        "fab-t": dict(
+            name="FAB-T", steps=steps, target_classes=fab_targets, alpha="FAB projection"
+        ),
         "square": dict(name="Square", queries=SQUARE_QUERIES, alpha="random squares (p_init 0.8)"),
     }
     base = dict(eps=eps, norm=norm, seed=seed, restarts=1, library="torchattacks", suite=version)
@@ -276,6 +282,7 @@ def run_suite(
     on_batch: Callable[[str], None] = lambda name: None,
     state: tuple[Path, str] | None = None,
     probe: Probe | None = None,
+    known: dict[str, Tensor] | None = None,
 ) -> dict[str, Stage]:
     """Cumulative per-example robustness after each component, starting from `robust` (the
     clean-correct mask): a component attacks only the examples still robust, batch by batch
@@ -283,11 +290,14 @@ def run_suite(
     is saved atomically after every batch and a run with the same key resumes from the last
     finished batch (the file is left for the caller to remove once its results are safe).
     `probe(name, x0, x_adv, y)`, where it returns per-example values (FOSC, say), is recorded
-    at every attacked example's final point (NaN elsewhere) as Stage.probe."""
+    at every attacked example's final point (NaN elsewhere) as Stage.probe. `known` gives
+    components already run on these examples with the same settings (their cumulative robust
+    masks, from an earlier evaluation): they are not run again (0 seconds, 0 evaluations)."""
     path, key = state if state is not None else (None, "")
     prog = Progress.load(path, key) if path is not None else Progress(key)
     run = _ComponentRun(model, x, y, batch_size, on_batch, path, prog, probe)
-    out = dict(prog.done)
+    out = {name: Stage(mask.clone(), 0.0) for name, mask in (known or {}).items()}
+    out.update(prog.done)
     robust = robust.clone()
     for comp in components:
         if comp.name not in out:

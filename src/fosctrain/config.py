@@ -16,6 +16,7 @@ from typing import Any
 from fosctrain.errors import UserError, check_positive
 from fosctrain.schedules import DECAY_SHAPES
 from fosctrain.threat import NORMS, eval_step_size, train_step_size, validate_eps
+from fosctrain.validation import check_test_attack, check_val_attack
 
 # the training methods' names, stated once; fosctrain.methods registers a class under each
 METHODS = ("natural", "madry", "cat", "dat", "fat", "trades", "fast")
@@ -164,6 +165,23 @@ class Config:
         default=None,
         metadata={"help": "PGD step of validation and test (default 2.5 eps / eval_steps)"},
     )
+    val_attack: str = field(
+        default="pgd",
+        metadata={
+            "help": "validation attack (picks best): pgd (eval_steps steps) or apgd-ce-K "
+            "(APGD-CE of K steps; see fosctrain.validation)"
+        },
+    )
+    test_attack: str = field(
+        default="apgd",
+        metadata={
+            "help": "the final test's AutoAttack-strength attack beside PGD, on the same "
+            "examples: apgd (APGD-CE + APGD-T), apgd-ce, none"
+        },
+    )
+    test_targets: int = field(
+        default=9, metadata={"help": "target classes of the final test's APGD-T"}
+    )
     eval_every: int = 1
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
@@ -225,7 +243,14 @@ def config_hash(config: dict) -> str:
 
 RUNTIME_FIELDS = frozenset({"device", "threads", "eval_every", "compile"})
 # options added after runs were published, at the value that trains as before they existed
-NEUTRAL: dict[str, Any] = {"weight_decay_on": "all", "lr_decay": 0.0, "augment_style": "crop-flip"}
+NEUTRAL: dict[str, Any] = {
+    "weight_decay_on": "all",
+    "lr_decay": 0.0,
+    "augment_style": "crop-flip",
+    "val_attack": "pgd",
+    "test_attack": "none",
+    "test_targets": 9,
+}
 WEIGHT_DECAY_ON = ("all", "kernels", "hidden-linear")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -409,6 +434,9 @@ def validate(c: Config) -> None:
     for name in ("fat_tau", "fat_tau_max"):
         check_positive(name, getattr(c, name), integer=True, zero_ok=True)
     validate_eps([c.eps], c.norm)
+    check_val_attack(c.val_attack)
+    check_positive("test_targets", c.test_targets, integer=True)
+    check_test_attack(c.test_attack, c.test_targets, c.num_classes)
     if c.fosc_box and c.norm != "linf":
         raise UserError("--fosc-box is the L-inf box-exact FOSC; it cannot be used with --norm l2")
     for name in ("alpha", "fast_alpha", "eval_alpha", "t_prime", "threads"):

@@ -59,7 +59,7 @@ from fosctrain.errors import UserError, check_positive
 from fosctrain.fosc import fosc_stats, point_fosc
 from fosctrain.intervals import Accuracy, wilson_interval
 from fosctrain.masking import CHECK_N, large_eps
-from fosctrain.report import EpsResult, EvalReport, format_table, write_report
+from fosctrain.report import EpsResult, EvalReport, bits_mask, format_table, write_report
 from fosctrain.threat import BOUNDS, check_norm, eval_step_size, validate_eps
 
 ATTACK_NAMES = ("fgsm", "pgd", "cw")
@@ -294,6 +294,7 @@ class _EpsContext:
     checks: bool
     apgd_steps: int = aa.STEPS
     resume: Path | None = None
+    known: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -371,10 +372,12 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> dict
         state = (ctx.resume / f"{label}-eps{index}.json", key)
     ctx.bar.set_description(f"eps={eps:g} {label} {suite[0].name}")
     stages = aa.run_suite(
-        ctx.model, suite, ctx.x, ctx.y, ctx.clean, cfg.batch_size, on_batch, state, probe
+        ctx.model, suite, ctx.x, ctx.y, ctx.clean, cfg.batch_size, on_batch, state, probe, ctx.known
     )
     for comp in suite:
         stage, settings = stages[comp.name], {**comp.settings, "cumulative": True}
+        if comp.name in (ctx.known or {}):
+            settings["reused"] = "robust masks of an earlier run of this component"
         cost = stage.grad_evals
         tally.record(f"{label}/{comp.name}", stage.robust, settings, stage.seconds, cost)
         if stage.forwards:
@@ -385,6 +388,21 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> dict
     tally.record(label, stages[suite[-1].name].robust, settings, total, evals)
     probed = stages["apgd-ce"].probe
     return {} if probed is None else {"apgd-ce": probed}
+
+
+def known_stages(report: dict, n: int, eps_index: int = 0) -> dict[str, Tensor]:
+    """From an eval.json (as a dict), the cumulative robust masks of the APGD components it ran
+    at eps number `eps_index`, on its first n examples: what `evaluate(..., known=...)` takes
+    so that a standard AutoAttack on those examples does not run APGD-CE and APGD-T again."""
+    result = report["results"][eps_index]
+    per_example = result.get("per_example", {})
+    out = {}
+    for label in (aa.LABELS["standard"], aa.LABELS["apgd"]):
+        for comp in ("apgd-ce", "apgd-t"):
+            bits = per_example.get(f"{label}/{comp}")
+            if bits is not None and comp not in out:
+                out[comp] = bits_mask(bits[:n])
+    return out
 
 
 def _work_key(ctx: _EpsContext, version: str, eps: float) -> str:
@@ -569,6 +587,7 @@ def evaluate(
     fosc_box: bool = True,
     progress: bool = True,
     resume: str | Path | None = None,
+    known: dict[str, Tensor] | None = None,
 ) -> EvalReport:
     """Clean and robust accuracy of `model` on (x, y) at every eps of `eps_list`, every attack
     on the same examples, the worst case taken per example.
@@ -581,6 +600,8 @@ def evaluate(
     mode with frozen parameters; both are restored afterwards. `resume`: a directory where the
     AutoAttack part saves its progress after every batch; an evaluation killed there resumes
     from its last finished batch when called again with the same model, data and options.
+    `known`: AutoAttack components already run on these examples with these options (their
+    cumulative robust masks, see known_stages), not run again.
     """
     attacks = (attacks,) if isinstance(attacks, str) else tuple(attacks)
     cfg = _Config(
@@ -607,7 +628,18 @@ def evaluate(
         clean = torch.cat([_correct(model, x[s], y[s]) for s in _spans(x.shape[0], batch_size)])
         resume_dir = Path(resume) if resume is not None else None
         ctx = _EpsContext(
-            model, x, y, clean, cfg, bar, source_model, autoattack, checks, apgd_steps, resume_dir
+            model,
+            x,
+            y,
+            clean,
+            cfg,
+            bar,
+            source_model,
+            autoattack,
+            checks,
+            apgd_steps,
+            resume_dir,
+            known,
         )
         results, warnings = [], []
         for i, eps in enumerate(eps_values):

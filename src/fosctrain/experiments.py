@@ -59,6 +59,7 @@ class Experiment:
     configs: dict[str, dict[str, Any]]
     figure: str  # frontier, fosc-vs-steps, fosc-over-training or bars
     autoattack: bool = False
+    autoattack_configs: tuple[str, ...] | None = None  # None: every configuration
     measure: bool = False  # also FOSC against PGD steps on the trained model
     seeds: int | None = None  # fewer seeds than the scale's, where one tells the story
     notes: list[str] = field(default_factory=list)
@@ -104,14 +105,14 @@ SCALES: dict[str, Scale] = {
         Scale(
             "default",
             "the defaults of `fosc train` (mnist5k, 20 epochs, Adam, validation slice 500), "
-            "3 seeds, evaluation on all 1,000 test digits, AutoAttack on 100 of them for seed 0",
+            "3 seeds, evaluation on all 1,000 test digits (FGSM, PGD-20, C&W-inf, APGD-CE + "
+            "APGD-T), the standard AutoAttack on the first 500 of them (class-interleaved)",
             dict(dataset="mnist5k"),
             seeds=3,
             eval_n=1000,
-            autoattack_n=100,
+            autoattack_n=500,
             measure_n=1000,
             measure_steps=40,
-            autoattack_seeds=1,
         ),
         Scale(
             "medium",
@@ -248,6 +249,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             },
             figure="frontier",
             autoattack=True,
+            autoattack_configs=("madry-k10", "dat-k5-quantile"),
         ),
     )
 }

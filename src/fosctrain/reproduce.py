@@ -132,7 +132,8 @@ def make_plan(
         for seed in range(n_seeds):
             values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
             run_dir = out / "runs" / f"{config_name}-s{seed}"
-            mine = spec if seed < sc.autoattack_seeds else no_autoattack
+            wanted = exp.autoattack_configs is None or config_name in exp.autoattack_configs
+            mine = spec if seed < sc.autoattack_seeds and wanted else no_autoattack
             runs.append(Run(config_name, seed, values, run_dir, mine))
     plan = Plan(exp, sc, out, runs, spec)
     for run in runs:
@@ -229,7 +230,8 @@ def execute(config: Config, run_dir: Path, spec: EvalSpec) -> None:
     if not (run_dir / EVAL_DIR / "eval.json").is_file():
         evaluate_run(run_dir, spec.n, autoattack=False, checks=spec.checks, out=EVAL_DIR)
     if spec.autoattack_n and not (run_dir / AUTOATTACK_DIR / "eval.json").is_file():
-        evaluate_run(run_dir, spec.autoattack_n, autoattack=True, checks=False, out=AUTOATTACK_DIR)
+        n = min(spec.autoattack_n, spec.n)
+        evaluate_run(run_dir, n, autoattack=True, checks=False, out=AUTOATTACK_DIR)
     if spec.measure_n and not (run_dir / MEASURE_DIR / "measure.csv").is_file():
         measure_run(run_dir, spec.measure_n, spec.measure_steps)
 
@@ -243,29 +245,41 @@ def _test_split(config: dict, n: int):
 
 
 def evaluate_run(run_dir: Path, n: int, *, autoattack: bool, checks: bool, out: str) -> None:
-    """The final report of a run's last checkpoint on n test examples, written as
-    `fosc eval RUN --which last` would (see eval_argv). The one call into evaluate()."""
-    from fosctrain.evaluate import ATTACK_NAMES, evaluate, write_report
+    """The final report of a run's last checkpoint on its first n test examples, written as
+    `fosc eval RUN --which last` would (see eval_argv). The one call into evaluate().
+
+    The main report (autoattack False) runs FGSM, PGD-20, C&W-inf and APGD-CE + APGD-T on the
+    same examples; the AutoAttack report runs the standard suite on the first n of them,
+    taking APGD-CE's and APGD-T's results from the main report instead of running them again
+    (`fosc eval --after`), then FAB-T and Square on what they leave."""
+    from fosctrain.evaluate import ATTACK_NAMES, evaluate, known_stages, write_report
     from fosctrain.runs import load_model
 
     loaded = load_model(run_dir, which="last")
     x, y = _test_split(loaded.config, n)
+    known = None
+    if autoattack:
+        main = json.loads((run_dir / EVAL_DIR / "eval.json").read_text())
+        known = known_stages(main, n)
     report = evaluate(
         loaded.model,
         x,
         y,
         eps_list=[loaded.config["eps"]],
-        attacks=("pgd",) if autoattack else ATTACK_NAMES,
+        attacks=() if autoattack else ATTACK_NAMES,
         pgd_steps=PGD_STEPS,
         cw_steps=CW_STEPS,
         norm=loaded.config.get("norm", "linf"),
         seed=EVAL_SEED,
-        autoattack=autoattack,
+        autoattack="standard" if autoattack else "apgd",
         checks=checks,
         progress=False,
+        resume=run_dir / out / ".resume",
+        known=known,
     )
     report.meta = {"checkpoint": str(loaded.source), "split": "test", "n": int(x.shape[0])}
     write_report(report, run_dir / out, "eval")
+    shutil.rmtree(run_dir / out / ".resume", ignore_errors=True)
 
 
 def measure_run(run_dir: Path, n: int, steps: int) -> None:
@@ -383,7 +397,10 @@ def eval_argv(run: Run, n: int, autoattack: bool, checks: bool, out: str) -> lis
     """`fosc eval` arguments that write what evaluate_run writes."""
     argv = ["fosc", "eval", str(run.dir), "--which", "last", "--n", str(n)]
     argv += ["--seed", str(EVAL_SEED), "--pgd-steps", str(PGD_STEPS), "--cw-steps", str(CW_STEPS)]
-    argv += ["--attacks", "pgd", "--autoattack"] if autoattack else []
+    after = str(run.dir / EVAL_DIR / "eval.json")
+    argv += (
+        ["--attacks", "none", "--autoattack", "standard", "--after", after] if autoattack else []
+    )
     argv += [] if checks else ["--no-checks"]
     return argv + ["--out", str(run.dir / out), "--overwrite", "--no-progress"]
 

@@ -38,6 +38,7 @@ from fosctrain.files import atomic_write_json
 from fosctrain.logs import TensorBoard
 from fosctrain.methods import Method, create_method
 from fosctrain.runs import LOCK_NAME, RunLock, build_model
+from fosctrain.validation import test_words, val_words
 
 
 class Interrupted(Exception):
@@ -357,6 +358,17 @@ def graceful_stop(tr: Trainer) -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def _strong(cfg: Config, test: dict[str, float]) -> dict[str, Any]:
+    """The AutoAttack-strength part of the test report, where the run has one."""
+    if "strong_acc" not in test:
+        return {}
+    return {
+        "strong_acc": test["strong_acc"],
+        "strong_attack": test_words(cfg),
+        "worst_acc": test["worst_acc"],
+    }
+
+
 def write_summary(tr: Trainer, test: dict[str, float], n_test: int) -> dict[str, Any]:
     """summary.json: final and best epochs (validation), the one test evaluation (`test`, on
     `n_test` examples), totals and the method's own columns."""
@@ -382,11 +394,12 @@ def write_summary(tr: Trainer, test: dict[str, float], n_test: int) -> dict[str,
             else "none (val_n 0): no per-epoch validation and no best checkpoint",
             "metrics": ["val_clean_acc", "val_robust_acc"],
             "best_by": "val_robust_acc" if n_val else None,
-            "attack": cfg.eval_attack(),
+            "attack": val_words(cfg),
         },
         "test": {
             "n": n_test,
-            "split": f"the {n_test} test examples, evaluated once, on the final model",
+            "split": f"the first {n_test} test examples (class-interleaved), evaluated once, "
+            "on the final model; every attack on the same examples",
             "clean_acc": test["clean_acc"],
             "robust_acc": test["robust_acc"],
             "attack": cfg.eval_attack(),
@@ -394,6 +407,7 @@ def write_summary(tr: Trainer, test: dict[str, float], n_test: int) -> dict[str,
             "step_size": cfg.eval_step_size,
             "random_start": True,
             "norm": cfg.norm,
+            **_strong(cfg, test),
         },
         "config_hash": cfg.hash(),
         **tr.method.extra_metrics(),

@@ -15,7 +15,8 @@ wrapper of the model; the plumbing is in fosctrain.distributed, the rules in doc
 
 Numbers and splits: a fixed, stratified validation slice of `val_n` training examples (never
 trained on) is evaluated after each epoch and picks `best`; the test set is evaluated once, at
-the end (summary.json "test"). Every reported accuracy says which split and which PGD gave it.
+the end (summary.json "test"). Every reported accuracy says which split and which attack gave
+it; the attacks are fosctrain.validation's (val_attack, test_attack).
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fosctrain import distributed, progress
 from fosctrain.attacks import Sampler, random_start
 from fosctrain.config import Config
 from fosctrain.data import AUGMENTATIONS, fixed_subset
 from fosctrain.device import select_device
-from fosctrain.distributed import SUM_KEYS, Dist
+from fosctrain.distributed import SUM_KEYS
 from fosctrain.errors import UserError
 from fosctrain.fosc import fosc_stats
 from fosctrain.logs import write_metrics
-from fosctrain.methods import Step, pgd_class
+from fosctrain.methods import Step
 from fosctrain.run import (
     Interrupted,
     Trainer,
@@ -48,52 +49,13 @@ from fosctrain.run import (
     write_summary,
 )
 from fosctrain.schedules import lr_factor
+from fosctrain.validation import require_backend, test_accuracy, val_accuracy
 
 CALIBRATION_SAMPLES = 512
 
 
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
-
-
-def pgd_accuracy(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    config: Config,
-    seed: int,
-    dist: Dist | None = None,
-    split: str = "validation",
-) -> dict[str, float]:
-    """Clean accuracy and PGD accuracy on (x, y), the `split` it names ("validation" or
-    "test"): the reporting attack, config.eval_attack() (eval_steps steps of eval_alpha, by
-    default 2.5 eps / eval_steps, random start, in the training norm).
-
-    Data-parallel, each rank evaluates its shard of every chunk of 500 (with the random starts
-    a single process would draw) and the counts are summed: the same numbers, world-size times
-    faster."""
-    if len(y) == 0:
-        return {"clean_acc": math.nan, "robust_acc": math.nan}
-    dist = dist or Dist()
-    pgd = pgd_class(config.norm)(
-        eps=config.eps, alpha=config.eval_step_size, steps=config.eval_steps
-    )
-    gen = torch.Generator().manual_seed(seed)
-    clean = robust = 0
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(y), 500):
-        lo, hi = dist.shard(len(y[i : i + 500]))
-        xb, yb = x[i + lo : i + hi], y[i + lo : i + hi]
-        with torch.no_grad():
-            clean += (model(xb).argmax(1) == yb).sum().item()
-        sampler = dist.random_starts(lo, hi, len(y[i : i + 500]))
-        x_adv = pgd(model, xb, yb, generator=gen, start=sampler).x_adv
-        with torch.no_grad():
-            robust += (model(x_adv).argmax(1) == yb).sum().item()
-    model.train(was_training)
-    clean, robust = dist.sum([clean, robust])
-    return {"clean_acc": clean / len(y), "robust_acc": robust / len(y)}
 
 
 # --------------------------------------------------------------------------- one batch
@@ -322,7 +284,7 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
     val = {"clean_acc": math.nan, "robust_acc": math.nan}
     if cfg.val_n and ((epoch + 1) % cfg.eval_every == 0 or last):
         x, y = tr.data.x_val.to(tr.device), tr.data.y_val.to(tr.device)
-        val = pgd_accuracy(tr.model, x, y, cfg, cfg.seed + epoch, tr.dist)
+        val = val_accuracy(tr.model, x, y, cfg, cfg.seed + epoch, tr.dist)
     row.update(val_clean_acc=val["clean_acc"], val_robust_acc=val["robust_acc"])
     return row
 
@@ -365,11 +327,12 @@ def finish_epoch(tr: Trainer, row: dict[str, Any]) -> None:
 
 
 def summarize(tr: Trainer) -> dict[str, Any]:
-    """The one test evaluation (final model, final_eval_n test examples), into summary.json."""
+    """The one test evaluation (final model, final_eval_n test examples: clean, PGD and the
+    AutoAttack-strength test_attack on the same ones), into summary.json."""
     cfg = tr.config
     x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.final_eval_n)
     x, y = x.to(tr.device), y.to(tr.device)
-    test = pgd_accuracy(tr.model, x, y, cfg, cfg.seed, tr.dist, split="test")
+    test = test_accuracy(tr.model, x, y, cfg, cfg.seed, tr.dist)
     return write_summary(tr, test, len(y))
 
 
@@ -396,6 +359,7 @@ def fit(tr: Trainer) -> dict[str, Any]:
             f"{tr.state.epoch + 1} of {cfg.epochs} -> {tr.run_dir}"
         )
     try:
+        require_backend(cfg)
         calibrate(tr)
         with graceful_stop(tr):
             while tr.state.epoch < tr.config.epochs:

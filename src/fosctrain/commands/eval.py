@@ -13,6 +13,7 @@ eval-3, ... is used, unless --overwrite is given.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from fosctrain.evaluate import (
     LINF_ATTACKS,
     evaluate,
     format_table,
+    known_stages,
     write_report,
 )
 from fosctrain.external import META_KEYS, load_external_model
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attacks",
         nargs="+",
         metavar="ATTACK",
-        help=f"attacks to run, from {' '.join(LINF_ATTACKS)} "
+        help=f"attacks to run, from {' '.join(LINF_ATTACKS)}, or none "
         f"(default: {' '.join(ATTACK_NAMES)}; L2 runs: pgd)",
     )
     parser.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
@@ -79,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--apgd-steps", type=int, default=STEPS, help=f"APGD / FAB iterations (default {STEPS})"
+    )
+    parser.add_argument(
+        "--after",
+        metavar="EVAL_JSON",
+        help="take APGD-CE's and APGD-T's per-example results from this earlier eval.json of "
+        "the same model, seed and batch size (its first --n examples) instead of running "
+        "them again: a standard AutoAttack after an apgd evaluation",
     )
     parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     parser.add_argument("--out", help="output directory (default: RUN/eval; needed with --factory)")
@@ -217,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     config = loaded.config
     norm = config.get("norm", "linf")
     attacks = args.attacks or (ATTACK_NAMES if norm == "linf" else L2_ATTACKS)
+    attacks = () if list(attacks) == ["none"] else attacks
     x, y = load_test_examples(config, args.dataset, args.data_dir, args.n)
     source = _source_model(args.source, args.which, device)
     out_dir = Path(args.out) if args.out else run_dir / "eval"
@@ -239,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
         checks=not args.no_checks,
         progress=not args.no_progress,
         resume=out_dir / RESUME_DIR,
+        known=_known(args.after, len(y)),
     )
     report.meta = _meta(args, loaded, _labels(x, y))
     stem = free_stem(out_dir, "eval", (".json", ".csv"), args.overwrite)
@@ -247,6 +258,22 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _known(after: str | None, n: int) -> dict[str, Tensor] | None:
+    """--after: the APGD components' robust masks on the first n examples of an eval.json."""
+    if after is None:
+        return None
+    try:
+        report = json.loads(Path(after).read_text())
+        known = known_stages(report, n)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise UserError(f"--after {after}: not a readable eval.json ({e})") from None
+    if not known:
+        raise UserError(f"--after {after}: it holds no APGD-CE / APGD-T per-example results")
+    if any(len(mask) < n for mask in known.values()):
+        raise UserError(f"--after {after}: it covers fewer than the {n} examples asked for")
+    return known
 
 
 def _labels(x: Tensor, y: Tensor) -> dict:

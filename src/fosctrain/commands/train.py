@@ -196,19 +196,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(summary: dict[str, Any]) -> str:
-    """The lines `fosc train` ends with: the final model on the test split (evaluated once),
+    """The lines `fosc train` ends with: the final model on the test split (evaluated once;
+    the AutoAttack-strength accuracy first, PGD beside it, every attack on the same digits),
     and the epoch the validation slice chose as `best`; each number names its split."""
     test, val, best = summary["test"], summary["validation"], summary["best"]
     name = test["attack"].split(" ")[0]
     on_test = f"on the {test['n']} test examples"
-    lines = [
-        f"run:                  {summary['run_dir']}",
+    lines = [f"run:                  {summary['run_dir']}"]
+    if "strong_acc" in test:
+        lines.append(
+            f"robust accuracy:      {100 * test['strong_acc']:.1f}% {on_test} "
+            f"({test['strong_attack']})"
+        )
+    lines += [
         f"clean accuracy:       {100 * test['clean_acc']:.1f}% {on_test}",
-        f"{name + ' accuracy:':<22}{100 * test['robust_acc']:.1f}% {on_test} ({test['attack']})",
+        f"{name + ' accuracy:':<22}{100 * test['robust_acc']:.1f}% {on_test} ({test['attack']}: "
+        "the paper's metric, weaker)",
     ]
     if best is not None:
+        val_name = val["attack"].split(" ")[0]
         lines.append(
-            f"best (validation):    epoch {best['epoch']}, {name} accuracy "
+            f"best (validation):    epoch {best['epoch']}, {val_name} accuracy "
             f"{100 * best['val_robust_acc']:.1f}% on the {val['split']}"
         )
     else:
