@@ -191,3 +191,105 @@ def test_cli_flag(flags, version):
     assert args.autoattack == version
     with pytest.raises(UserError, match="invalid choice"):
         build_parser(["eval"]).parse_args(["eval", "run", "--autoattack", "plus"])
+
+
+# ---------------------------------------------------------------- cost, resume, reuse
+
+
+class _Killed(Exception):
+    pass
+
+
+class KillAfter(nn.Module):
+    """The model, raising once after `budget` gradient passes (a killed evaluation)."""
+
+    def __init__(self, model: nn.Module, budget: int) -> None:
+        super().__init__()
+        self.model, self.budget = model, budget
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            self.budget -= 1
+            if self.budget == 0:
+                raise _Killed
+        return self.model(x)
+
+
+def _aa(model, x, y, **kw):
+    kw = {"attacks": (), "checks": False, "progress": False, "batch_size": 8, **kw}
+    return evaluate(model, x, y, eps_list=[EPS], **kw).results[0]
+
+
+class Count(nn.Module):
+    """The model, counting its gradient passes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.passes = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            self.passes += 1
+        return self.model(x)
+
+
+def test_a_killed_autoattack_resumes_from_its_last_finished_batch(tmp_path):
+    model = tiny_model()
+    x, y = tiny_data(model, 24)
+    whole = _aa(model, x, y, autoattack="standard")
+    counted = Count(model)
+    _aa(counted, x, y, autoattack="apgd")
+    state = tmp_path / "resume"
+    # killed at the very last gradient pass of APGD-T: inside its third and last batch
+    with pytest.raises(_Killed):
+        _aa(KillAfter(model, counted.passes), x, y, autoattack="standard", resume=state)
+    saved = json.loads((state / "autoattack-eps0.json").read_text())
+    assert saved["done"].keys() == {"apgd-ce"} and saved["current"] == "apgd-t"
+    assert saved["next_start"] == 16  # two of APGD-T's three batches finished
+    again = Count(model)
+    resumed = _aa(again, x, y, autoattack="standard", resume=state)
+    for name in ("autoattack/apgd-ce", "autoattack/apgd-t", "autoattack"):
+        assert resumed.attacks[name].correct == whole.attacks[name].correct
+    assert torch.equal(resumed.per_example["autoattack"], whole.per_example["autoattack"])
+    assert resumed.grad_evals["autoattack"] == whole.grad_evals["autoattack"]  # sums carried
+    fresh = Count(model)
+    _aa(fresh, x, y, autoattack="standard")
+    assert again.passes < fresh.passes  # APGD-CE and two batches of APGD-T were not run again
+
+
+def test_a_state_of_other_work_is_not_resumed(tmp_path):
+    model = tiny_model()
+    x, y = tiny_data(model, 16)
+    _aa(model, x, y, autoattack="apgd", resume=tmp_path)
+    other = _aa(model, x[:8], y[:8], autoattack="apgd", resume=tmp_path)  # other digits
+    assert other.attacks["apgd-ce+t"].n == 8
+
+
+def test_costs_are_counted_and_masks_are_per_example(tmp_path):
+    model = tiny_model()
+    x, y = tiny_data(model, 16)
+    res = _aa(model, x, y, attacks=("pgd",), autoattack="apgd", pgd_steps=5)
+    assert res.grad_evals["pgd"] == 16 * 5
+    ce = res.grad_evals["apgd-ce+t/apgd-ce"]
+    assert 16 * 100 <= ce <= 16 * 102  # 100 steps (+ the start's gradient) per clean-correct
+    assert res.grad_evals["apgd-ce+t"] == ce + res.grad_evals["apgd-ce+t/apgd-t"]
+    masks = res.per_example
+    assert torch.equal(masks["worst_case"], masks["clean"] & masks["pgd"] & masks["apgd-ce+t"])
+    assert res.worst_case.correct == int(masks["worst_case"].sum())
+    assert all(len(m) == 16 for m in masks.values())
+
+
+def test_known_components_are_not_run_again():
+    model = tiny_model()
+    x, y = tiny_data(model, 16)
+    apgd = _aa(model, x, y, autoattack="apgd")
+    from fosctrain.evaluate import known_stages
+    from fosctrain.report import EvalReport
+
+    report = EvalReport(16, "linf", 0, [apgd], {}).to_dict()
+    known = known_stages(report, 8)
+    assert set(known) == {"apgd-ce", "apgd-t"} and all(len(m) == 8 for m in known.values())
+    after = _aa(model, x[:8], y[:8], autoattack="standard", known=known)
+    assert after.grad_evals["autoattack/apgd-ce"] == after.grad_evals["autoattack/apgd-t"] == 0
+    assert after.attacks["autoattack/apgd-t"].correct == int(known["apgd-t"].sum())
+    assert after.attacks["autoattack"].correct <= int(known["apgd-t"].sum())

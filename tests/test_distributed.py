@@ -28,6 +28,7 @@ from fosctrain.config import resolve
 from fosctrain.distributed import Dist, free_port
 from fosctrain.errors import UserError
 from fosctrain.runs import LOCK_NAME
+from fosctrain.validation import val_accuracy
 
 # Global batch 64, two batches per epoch; each of 2 ranks takes 32 rows of every batch. SGD,
 # pinned: Adam's first steps move every weight by about lr * sign(gradient), which turns the
@@ -116,7 +117,7 @@ def test_sharded_evaluation_equals_single_process(runs):
     cfg = resolve(overrides={**RUN, "threads": 1})
     tr = train_mod.build_trainer(cfg, two, resume=True, progress=False)
     x, y = tr.data.x_val, tr.data.y_val
-    again = train_mod.pgd_accuracy(tr.model, x, y, cfg, cfg.seed + cfg.epochs - 1)
+    again = val_accuracy(tr.model, x, y, cfg, cfg.seed + cfg.epochs - 1)
     final = rows(two)[-1]
     assert again["clean_acc"] == final["val_clean_acc"]
     assert again["robust_acc"] == final["val_robust_acc"]

@@ -410,7 +410,7 @@ def test_crash_while_saving_best_keeps_the_previous_best(tmp_path, monkeypatch):
     def improving(*args, **kwargs):  # robust accuracy improves: `best` is saved every epoch
         return {"clean_acc": 0.5, "robust_acc": next(epochs) / 10}
 
-    monkeypatch.setattr(train_mod, "pgd_accuracy", improving)
+    monkeypatch.setattr(train_mod, "val_accuracy", improving)
     real = ckpt_mod.atomic_write_json
 
     def crash_on_second_best(path, obj):

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from fosctrain import methods as methods_mod
 from fosctrain import run as run_mod
 from fosctrain import train as train_mod
 from fosctrain.attacks import PGDL2
@@ -20,6 +21,7 @@ from fosctrain.errors import UserError
 from fosctrain.losses import input_gradient, objective
 from fosctrain.methods import create_method
 from fosctrain.models import create_model
+from fosctrain.validation import val_accuracy
 
 SMALL = dict(
     train_n=96,
@@ -79,16 +81,20 @@ def test_l2_fosc_is_the_l2_formula(batch):
     torch.testing.assert_close(result.fosc, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_l2_calibration_and_per_epoch_test_use_l2(batch, monkeypatch):
+def test_l2_calibration_and_per_epoch_test_use_l2(batch):
     model, x, y = batch
     m = create_method(small(method="dat", norm="l2", eps=2.0, c_max="auto"))
     assert "c_max auto" in m.calibrate(model, x, y, torch.Generator().manual_seed(0))
     assert m.c_max > 0
-    built = []
-    real = train_mod.pgd_class
-    monkeypatch.setattr(train_mod, "pgd_class", lambda norm: built.append(real(norm)) or real(norm))
-    train_mod.pgd_accuracy(model, x, y, small(norm="l2", eps=2.0), 0)
-    assert built == [PGDL2]
+    cfg = small(norm="l2", eps=2.0)
+    got = val_accuracy(model, x, y, cfg, 0)
+    model.eval()
+    attack = PGDL2(eps=2.0, alpha=cfg.eval_step_size, steps=cfg.eval_steps)
+    adv = attack(model, x, y, generator=torch.Generator().manual_seed(0)).x_adv
+    with torch.no_grad():
+        expected = (model(adv).argmax(1) == y).double().mean().item()
+    assert got["robust_acc"] == pytest.approx(expected)
+    assert 0 < expected < (model(x).argmax(1) == y).double().mean().item()  # L2 PGD bites
 
 
 def test_fosc_box_with_l2_is_refused():
@@ -136,16 +142,21 @@ def test_run_trains_on_nothing_it_validates_on():
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Every pgd_accuracy call: its split and inputs; validation robust accuracy follows
-    VAL (0.3, 0.7, 0.5 over three epochs), the test set gets 0.99."""
+    """Every val_accuracy / test_accuracy call: its split and inputs; validation robust
+    accuracy follows VAL (0.3, 0.7, 0.5 over three epochs), the test set gets 0.99."""
     calls = []
     val = iter([0.3, 0.7, 0.5])
 
-    def fake(model, x, y, config, seed, dist=None, split="validation"):
-        calls.append((split, x.clone()))
-        return {"clean_acc": 0.9, "robust_acc": 0.99 if split == "test" else next(val)}
+    def fake_val(model, x, y, config, seed, dist=None):
+        calls.append(("validation", x.clone()))
+        return {"clean_acc": 0.9, "robust_acc": next(val)}
 
-    monkeypatch.setattr(train_mod, "pgd_accuracy", fake)
+    def fake_test(model, x, y, config, seed, dist=None):
+        calls.append(("test", x.clone()))
+        return {"clean_acc": 0.9, "robust_acc": 0.99}
+
+    monkeypatch.setattr(train_mod, "val_accuracy", fake_val)
+    monkeypatch.setattr(train_mod, "test_accuracy", fake_test)
     return calls
 
 
@@ -192,7 +203,7 @@ def test_reporting_step_is_stated_and_eval_alpha_changes_it(tmp_path, monkeypatc
     assert "on the 48 test examples (PGD-20 (eps 0.3, step 0.0375 = 2.5 eps/20" in line
 
     alphas = []
-    real = train_mod.pgd_class
+    real = methods_mod.pgd_class
 
     def recording(norm):
         cls = real(norm)
@@ -204,7 +215,7 @@ def test_reporting_step_is_stated_and_eval_alpha_changes_it(tmp_path, monkeypatc
 
         return Recorded
 
-    monkeypatch.setattr(train_mod, "pgd_class", recording)
+    monkeypatch.setattr(methods_mod, "pgd_class", recording)
     summary = train_mod.train(small(method="natural", eval_alpha=0.075), tmp_path / "b")
     assert alphas and set(alphas) == {0.075}
     assert summary["test"]["step_size"] == 0.075
