@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from fosctrain import autoattack as aa
 from fosctrain import masking
+from fosctrain.allocator import keep_freed_memory
 from fosctrain.attacks import FGSM, FGSMRS, PGD, PGDL2, AttackResult, CWInf, attack_mode
 from fosctrain.device import model_device
 from fosctrain.errors import UserError, check_positive
@@ -603,6 +604,7 @@ def evaluate(
     `known`: AutoAttack components already run on these examples with these options (their
     cumulative robust masks, see known_stages), not run again.
     """
+    keep_freed_memory()
     attacks = (attacks,) if isinstance(attacks, str) else tuple(attacks)
     cfg = _Config(
         attacks, pgd_steps, pgd_restarts, cw_steps, alpha, batch_size, norm, seed, fosc_box, check_n

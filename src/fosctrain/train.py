@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fosctrain import distributed, progress
+from fosctrain.allocator import keep_freed_memory
 from fosctrain.attacks import Sampler, random_start
 from fosctrain.config import Config
 from fosctrain.data import AUGMENTATIONS, fixed_subset
@@ -382,5 +383,6 @@ def train(config: Config, run_dir: str | Path, **options: Any) -> dict[str, Any]
 
     Started by torchrun (env WORLD_SIZE > 1), this process is one rank of a data-parallel run.
     """
+    keep_freed_memory()
     with distributed.session(select_device(config.device)) as dist:
         return fit(build_trainer(config, run_dir, dist=dist, **options))
