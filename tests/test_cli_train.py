@@ -135,3 +135,24 @@ def test_every_verb_has_working_help(verb, capsys):
         cli.main([verb, "--help"])
     assert e.value.code == 0
     assert "usage: fosc " + verb in capsys.readouterr().out
+
+
+def test_a_missing_attack_backend_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` fails
+    run = tmp_path / "r"
+    assert main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]) == 2
+    assert "pip install --no-deps torchattacks" in one_error_line(capsys)
+    assert not run.exists()  # refused before the run directory was made
+    assert main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "p",
+                 "--test-attack", "none"]) == 0  # fmt: skip
+
+
+def test_the_closing_lines_lead_with_the_strong_attack_on_the_same_digits(tmp_path, capsys):
+    pytest.importorskip("torchattacks")
+    assert main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("robust accuracy:") and "APGD-CE + APGD-T" in lines[1]
+    assert all("on the 32 test examples" in line for line in lines[1:4])
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())["test"]
+    assert summary["worst_acc"] <= min(summary["strong_acc"], summary["robust_acc"])
+    assert summary["strong_acc"] <= summary["clean_acc"]

@@ -264,7 +264,8 @@ def test_batch_quantile_zero_is_full_pgd(digits):
 
 def test_initial_calibration_of_the_default_run_is_pinned():
     """c_max_calibration "initial" (the default) is main's calibration bit for bit: on the
-    default run (seed 0) the loop's sample of 512 training examples gives this c_max."""
+    default run (seed 0) the loop's sample of 512 training examples gives this c_max (pinned
+    again when the splits became class-interleaved: the sample holds other digits since)."""
     config = Config()
     assert config.c_max_calibration == "initial" and config.c_max_quantile == 0.5
     data = run_mod.load_data(config)
@@ -275,8 +276,8 @@ def test_initial_calibration_of_the_default_run_is_pinned():
     dat = create_method(config)
     gen = torch.Generator().manual_seed(config.seed + 1)
     line = dat.calibrate(model, data.x_train[pick], data.y_train[pick], gen)
-    assert dat.c_max == pytest.approx(0.5217593014240265, abs=1e-7)
-    assert line.startswith("c_max auto = 0.5218 (the 0.5-quantile of step-1 FOSC on 512")
+    assert dat.c_max == pytest.approx(0.5222282707691193, abs=1e-7)
+    assert line.startswith("c_max auto = 0.5222 (the 0.5-quantile of step-1 FOSC on 512")
 
 
 def _fosc_at(

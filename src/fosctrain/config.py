@@ -156,7 +156,12 @@ class Config:
         },
     )
     final_eval_n: int = field(
-        default=0, metadata={"help": "test examples of the final evaluation (0: all)"}
+        default=500,
+        metadata={
+            "help": "test examples of the final evaluation, the first N of the class-interleaved "
+            "test split (0: all); 500 by measurement: APGD-T with all 9 target classes costs "
+            "~0.5 s per digit on 2 cores, and fewer targets overstate robustness by 3-8 points"
+        },
     )
     eval_steps: int = field(
         default=20, metadata={"help": "PGD steps of the validation and final test"}

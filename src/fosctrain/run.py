@@ -38,7 +38,7 @@ from fosctrain.files import atomic_write_json
 from fosctrain.logs import TensorBoard
 from fosctrain.methods import Method, create_method
 from fosctrain.runs import LOCK_NAME, RunLock, build_model
-from fosctrain.validation import test_words, val_words
+from fosctrain.validation import final_words, val_words
 
 
 class Interrupted(Exception):
@@ -364,7 +364,7 @@ def _strong(cfg: Config, test: dict[str, float]) -> dict[str, Any]:
         return {}
     return {
         "strong_acc": test["strong_acc"],
-        "strong_attack": test_words(cfg),
+        "strong_attack": final_words(cfg),
         "worst_acc": test["worst_acc"],
     }
 

@@ -50,7 +50,7 @@ from fosctrain.run import (
     write_summary,
 )
 from fosctrain.schedules import lr_factor
-from fosctrain.validation import require_backend, test_accuracy, val_accuracy
+from fosctrain.validation import final_accuracy, require_backend, val_accuracy
 
 CALIBRATION_SAMPLES = 512
 
@@ -333,7 +333,7 @@ def summarize(tr: Trainer) -> dict[str, Any]:
     cfg = tr.config
     x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.final_eval_n)
     x, y = x.to(tr.device), y.to(tr.device)
-    test = test_accuracy(tr.model, x, y, cfg, cfg.seed, tr.dist)
+    test = final_accuracy(tr.model, x, y, cfg, cfg.seed, tr.dist)
     return write_summary(tr, test, len(y))
 
 
@@ -360,7 +360,6 @@ def fit(tr: Trainer) -> dict[str, Any]:
             f"{tr.state.epoch + 1} of {cfg.epochs} -> {tr.run_dir}"
         )
     try:
-        require_backend(cfg)
         calibrate(tr)
         with graceful_stop(tr):
             while tr.state.epoch < tr.config.epochs:
@@ -384,5 +383,6 @@ def train(config: Config, run_dir: str | Path, **options: Any) -> dict[str, Any]
     Started by torchrun (env WORLD_SIZE > 1), this process is one rank of a data-parallel run.
     """
     keep_freed_memory()
+    require_backend(config)  # before the run directory exists: nothing to clean up
     with distributed.session(select_device(config.device)) as dist:
         return fit(build_trainer(config, run_dir, dist=dist, **options))

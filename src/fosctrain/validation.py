@@ -68,7 +68,7 @@ def val_words(config) -> str:
     return config.eval_attack()
 
 
-def test_words(config) -> str:
+def final_words(config) -> str:
     """The final test's AutoAttack-strength attack in words."""
     if config.test_attack == "apgd":
         return (
@@ -120,7 +120,7 @@ def require_backend(config) -> None:
         aa.require_torchattacks()
 
 
-def test_accuracy(
+def final_accuracy(
     model: nn.Module, x: Tensor, y: Tensor, config, seed: int, dist: Dist | None = None
 ) -> dict[str, float]:
     """The final test report: clean, PGD (the paper's metric) and, with test_attack, the
