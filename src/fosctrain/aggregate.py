@@ -18,10 +18,10 @@ from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
 
 # on the final report's test digits (eval/), every column on the same ones
-ACCURACIES = ("clean", "fgsm", "pgd", "cw", "apgd", "worst")
+ACCURACIES = ("clean", "apgd", "worst", "pgd", "cw", "fgsm")
 # on the first autoattack_n of them, where the standard AutoAttack ran (eval-autoattack/): the
 # other attacks' per-example results restricted to those digits, so the columns share them
-AA_ACCURACIES = ("aa_clean", "aa_pgd", "aa_apgd", "autoattack", "aa_worst")
+AA_ACCURACIES = ("aa_clean", "autoattack", "aa_worst", "aa_apgd", "aa_pgd")
 VALIDATION = ("val_clean", "val_pgd")  # the last epoch's, on the validation slice: for choosing
 LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "C&W-inf",
           "apgd": "APGD-CE+T", "worst": "worst case", "aa_clean": "clean",

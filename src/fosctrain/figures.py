@@ -1,9 +1,10 @@
 """Figures of a `fosc reproduce` directory (PNG, Agg, atomic writes via fosctrain.plots):
 
-    frontier            robust accuracy (PGD-20, AutoAttack) against gradient evaluations
+    frontier            robust accuracy (APGD-CE+T, and PGD-20 on the same digits) against
+                        gradient evaluations
     fosc-vs-steps       FOSC (mean, p10-p90) against PGD steps, one line per configuration
     fosc-over-training  FOSC of the training examples per epoch (madry vs dat), and bars
-    bars                accuracy per configuration (clean, PGD-20, C&W-inf)
+    bars                accuracy per configuration (clean, APGD-CE+T, PGD-20)
 
 Error bars are 95% t-intervals over seeds (none with one seed).
 """
@@ -28,7 +29,7 @@ def _half(entry: dict, metric: str) -> float:
 def plot_frontier(summary: list[dict], path: Path) -> Path:
     fig = _figure(8, 5.5)
     ax = fig.subplots()
-    for i, (metric, marker) in enumerate((("pgd", "o"), ("autoattack", "s"))):
+    for i, (metric, marker) in enumerate((("apgd", "o"), ("pgd", "s"))):  # same digits
         pts = [e for e in summary if not math.isnan(e[f"{metric}_mean"])]
         if not pts:
             continue
@@ -42,11 +43,11 @@ def plot_frontier(summary: list[dict], path: Path) -> Path:
             capsize=3,
             label=LABELS[metric],
         )
-        if metric == "pgd":
+        if metric == "apgd":
             for e in pts:
                 ax.annotate(
                     e["config"],
-                    (e["grad_evals_mean"], 100 * e["pgd_mean"]),
+                    (e["grad_evals_mean"], 100 * e["apgd_mean"]),
                     fontsize="x-small",
                     xytext=(4, 4),
                     textcoords="offset points",
@@ -57,7 +58,7 @@ def plot_frontier(summary: list[dict], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_bars(summary: list[dict], path: Path, metrics=("clean", "pgd", "cw")) -> Path:
+def plot_bars(summary: list[dict], path: Path, metrics=("clean", "apgd", "pgd")) -> Path:
     fig = _figure(max(6, 1.2 * len(summary) + 2), 5)
     ax = fig.subplots()
     width = 0.8 / len(metrics)
