@@ -293,3 +293,24 @@ def test_known_components_are_not_run_again():
     assert after.grad_evals["autoattack/apgd-ce"] == after.grad_evals["autoattack/apgd-t"] == 0
     assert after.attacks["autoattack/apgd-t"].correct == int(known["apgd-t"].sum())
     assert after.attacks["autoattack"].correct <= int(known["apgd-t"].sum())
+
+
+def test_a_batchnorm_model_stays_in_eval_mode_and_matches_torchattacks():
+    """The counting wrapper must not leave the model in training mode (BatchNorm on batch
+    statistics) after a torchattacks call: the suite's numbers equal torchattacks' own."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10)
+        )
+        model.train()
+        model(torch.rand(64, 1, SIDE, SIDE))  # running statistics far from any small batch's
+        model.eval()
+    x, y = tiny_data(model, 16)
+    suite = aa.build_suite(model, "apgd", EPS, "linf", 10, seed=0)
+    stages = aa.run_suite(model, suite, x, y, torch.ones(16, dtype=torch.bool), 16)
+    assert not model.training  # as it was given
+    direct = torchattacks.APGD(model, eps=EPS, steps=100, seed=0)(x, y)
+    with torch.no_grad():
+        expected = model(direct).argmax(1) == y
+    assert torch.equal(stages["apgd-ce"].robust, expected)

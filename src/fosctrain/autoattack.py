@@ -73,13 +73,26 @@ class Component:
 
 class Counted(nn.Module):
     """The model, counting the examples it sees with the input gradient on (gradient
-    evaluations: a backward pass follows) and off (forward passes)."""
+    evaluations: a backward pass follows) and off (forward passes).
+
+    Its `training` flag is the wrapped model's: torchattacks reads the flag before an attack
+    and restores it after, and a wrapper with a flag of its own (nn.Module's default, True)
+    would leave the model in training mode, BatchNorm on batch statistics, after every call."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.grad_evals = 0
         self.forwards = 0
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        model = self.__dict__.get("_modules", {}).get("model")
+        return bool(model.training) if model is not None else False
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        """Module.train() sets the wrapped model's flag through children(); nothing to keep."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.requires_grad and torch.is_grad_enabled():
