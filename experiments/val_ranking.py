@@ -84,8 +84,13 @@ def measure(out: Path, runs: list[str]) -> None:
 
 
 def reference(run: str, n: int) -> float:
-    """APGD-CE + APGD-T on the run's first n test digits, from its eval/eval.json."""
-    report = json.loads((Path(run) / "eval" / "eval.json").read_text())
+    """APGD-CE + APGD-T on the run's first n test digits, from its eval/eval.json (`fosc
+    reproduce`'s report), else from eval-ref/eval.json (`fosc eval RUN --which last --n 500
+    --attacks none --no-checks --out RUN/eval-ref`, for runs outside the headline)."""
+    path = Path(run) / "eval" / "eval.json"
+    if not path.is_file():
+        path = Path(run) / "eval-ref" / "eval.json"
+    report = json.loads(path.read_text())
     mask = bits_mask(report["results"][0]["per_example"]["apgd-ce+t"][:n])
     return mask.double().mean().item()
 

@@ -74,13 +74,15 @@ def test_one_device_picker():
 
 
 def test_config_hash_is_the_one_run_directories_recorded():
-    c = config.Config(eps=0.2, device="cpu", threads=1, test_attack="none")
+    c = config.Config(eps=0.2, device="cpu", threads=1, test_attack="none", test_targets=9)
     d = c.identity()
     assert not d.keys() & (config.RUNTIME_FIELDS | config.NEUTRAL.keys())
     assert set(d) | config.RUNTIME_FIELDS | config.NEUTRAL.keys() == set(c.to_dict())
     recorded = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert c.hash() == config.config_hash(d) == recorded
-    assert config.Config(eps=0.2, device="cuda", test_attack="none").hash() == c.hash()
+    assert (
+        config.Config(eps=0.2, device="cuda", test_attack="none", test_targets=9).hash() == c.hash()
+    )
 
 
 def test_one_metrics_reader():
@@ -97,3 +99,11 @@ def test_no_library_function_is_named_like_a_test():
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test")
     ]
     assert found == []
+
+
+def test_a_run_recorded_before_the_strong_test_attack_keeps_its_hash():
+    before = config.Config(eps=0.2, test_attack="none", test_targets=9, val_attack="pgd")
+    added = ("val_attack", "test_attack", "test_targets")
+    recorded = {k: v for k, v in before.to_dict().items() if k not in added}  # its config.json
+    assert config.Config.stored(recorded).hash() == before.hash()
+    assert config.Config(**recorded).hash() != before.hash()  # today's defaults differ

@@ -130,7 +130,7 @@ def stored_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise UserError(f"{run_dir}: nothing to resume (no config.json)")
     try:
-        stored = Config(**json.loads(path.read_text()))
+        stored = Config.stored(json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
         raise UserError(f"{path}: not a valid run configuration ({e})") from None
     validate(stored)
