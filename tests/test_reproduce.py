@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fosctrain import data
-from fosctrain.aggregate import T975, mean_interval, t_quantile
+from fosctrain.aggregate import mean_interval, t_quantile, welch_p
 from fosctrain.cli import main
 from fosctrain.commands import eval as eval_command
 from fosctrain.config import resolve
@@ -342,14 +342,14 @@ def test_mean_interval_by_hand():
     assert stats["std"] == pytest.approx(0.05)
     assert stats["ci_low"] == pytest.approx(0.85 - 0.1242069, abs=1e-6)
     assert stats["ci_high"] == pytest.approx(0.85 + 0.1242069, abs=1e-6)
-    assert T975[1] == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile(2) == pytest.approx(4.302653, abs=1e-6)
     one = mean_interval([0.7, math.nan])
     assert one["n"] == 1 and one["mean"] == 0.7 and math.isnan(one["std"])
     assert mean_interval([])["n"] == 0 and math.isnan(mean_interval([])["mean"])
 
 
 def test_summary_csv_holds_the_statistics_of_its_rows(tmp_path):
-    assert reproduce("fosc-vs-steps", tmp_path, "--seeds", "2") == 0
+    assert reproduce("fosc-vs-steps", tmp_path, "--seeds", "2", "--baseline", "madry") == 0
     rows = read_csv(tmp_path / "results.csv")
     summary = {s["config"]: s for s in read_csv(tmp_path / "summary.csv")}
     for name in ("natural", "madry"):
@@ -363,6 +363,11 @@ def test_summary_csv_holds_the_statistics_of_its_rows(tmp_path):
         if std:
             assert float(s["pgd_std"]) == pytest.approx(std, abs=1e-5)
             assert float(s["pgd_ci_high"]) == pytest.approx(mean + half, abs=1e-5)
+    by = {n: [float(r["clean"]) for r in rows if r["config"] == n] for n in ("natural", "madry")}
+    expected = welch_p(by["natural"], by["madry"])
+    got = summary["natural"]["clean_p"]
+    assert got == "" if math.isnan(expected) else float(got) == pytest.approx(expected, rel=1e-4)
+    assert summary["madry"]["clean_p"] == ""  # the baseline is not tested against itself
 
 
 # ---------------------------------------------------------------- bad input
@@ -377,6 +382,7 @@ def test_summary_csv_holds_the_statistics_of_its_rows(tmp_path):
         (["methods", "--threads", "0"], "--threads"),
         (["methods", "--seeds", "0"], "--seeds"),
         (["methods", "--print-commands", "--dry-run"], "not allowed with"),
+        (["methods", "--baseline", "nobody", "--collect"], "no such configuration"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, match):
@@ -480,3 +486,13 @@ def test_a_worker_runs_on_while_its_runner_lives():
         "time.sleep(1)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=25).returncode == 0
+
+
+def test_welch_p_by_hand():
+    # a = 1, 2, 3 and b = 3, 4, 5: means 2 and 4, variances 1 and 1, se sqrt(2/3), t = -2.449,
+    # Welch df = 4; two-sided p = 2 * T_4(-2.449) = 0.0705 (by the density, independently)
+    p = welch_p([1.0, 2.0, 3.0], [3.0, 4.0, 5.0])
+    t = 2 / math.sqrt(2 / 3)
+    assert p == pytest.approx(2 * (1 - _t_cdf(t, 4)), abs=1e-5)
+    assert p == pytest.approx(0.0705, abs=1e-3)
+    assert math.isnan(welch_p([1.0], [2.0, 3.0])) and math.isnan(welch_p([1.0, 1.0], [2.0, 2.0]))

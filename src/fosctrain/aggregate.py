@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
 from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
 
@@ -34,27 +36,12 @@ METRICS = (*MAIN_METRICS, *AA_ACCURACIES)
 RUN_COLUMNS = ("config", "seed", "status", *METRICS, "attack_grad_evals", "epochs", "run_dir")
 SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high")
 
-# Student t quantiles t_{0.975, df} for df = 1..30 (beyond: the Cornish-Fisher expansion)
-T975 = (12.706204736174698, 4.302652729749464, 3.182446305284263, 2.7764451051977934,
-        2.570581835636314, 2.4469118511449692, 2.3646242515927844, 2.306004135204166,
-        2.2621571628540993, 2.2281388519649385, 2.200985160082949, 2.1788128296634177,
-        2.1603686564610127, 2.1447866879169273, 2.131449545559323, 2.1199052992210112,
-        2.1098155778331806, 2.10092204024096, 2.093024054408263, 2.0859634472658364,
-        2.079613844727662, 2.0738730679040147, 2.068657610419041, 2.0638985616280205,
-        2.059538552753294, 2.055529438642871, 2.0518305164802833, 2.048407141795244,
-        2.0452296421327034, 2.0422724563012373)  # fmt: skip
-Z975 = 1.959963984540054
+WELCH = ("apgd", "worst", "pgd", "autoattack", "clean")  # tested against the baseline
 
 
 def t_quantile(df: int) -> float:
     """t_{0.975} with df degrees of freedom."""
-    if df <= len(T975):
-        return T975[df - 1]
-    z = Z975
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    return z + g1 / df + g2 / df**2 + g3 / df**3
+    return float(stats.t.ppf(0.975, df))
 
 
 def mean_interval(values: list[float]) -> dict[str, float]:
@@ -181,16 +168,32 @@ def collect(plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(plan: Plan, rows: list[dict]) -> list[dict[str, Any]]:
+def welch_p(values: list[float], baseline: list[float]) -> float:
+    """Welch's two-sided t-test p-value of two samples of per-seed accuracies (NaN with fewer
+    than 2 finite values in either, or none of them varying)."""
+    a = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    b = [v for v in baseline if isinstance(v, (int, float)) and math.isfinite(v)]
+    if len(a) < 2 or len(b) < 2 or (len(set(a)) == 1 and len(set(b)) == 1):
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def summarize(plan: Plan, rows: list[dict], baseline: str | None = None) -> list[dict[str, Any]]:
     """Per planned configuration (in the experiment's order; only those of --configs when it
-    was given): seeds finished and each metric's stats."""
+    was given): seeds finished, each metric's stats and, with a `baseline` configuration,
+    Welch's p-value of each WELCH metric against the baseline's seeds."""
     out, planned = [], {run.config_name for run in plan.runs}
+    finished = [r for r in rows if r["status"] == "finished"]
+    base = [r for r in finished if r["config"] == baseline]
     for name in (n for n in plan.experiment.configs if n in planned):
-        mine = [r for r in rows if r["config"] == name and r["status"] == "finished"]
+        mine = [r for r in finished if r["config"] == name]
         entry: dict[str, Any] = {"config": name, "seeds": len(mine)}
         for metric in METRICS:
-            stats = mean_interval([r[metric] for r in mine])
-            entry.update({f"{metric}_{s}": stats[s] for s in SUMMARY_STATS})
+            st = mean_interval([r[metric] for r in mine])
+            entry.update({f"{metric}_{s}": st[s] for s in SUMMARY_STATS})
+        for metric in WELCH if baseline else ():
+            p = welch_p([r[metric] for r in mine], [r[metric] for r in base])
+            entry[f"{metric}_p"] = math.nan if name == baseline else p
         out.append(entry)
     return out
 
@@ -210,8 +213,9 @@ def csv_text(rows: list[dict], columns: list[str] | tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_columns() -> list[str]:
-    return ["config", "seeds", *(f"{m}_{s}" for m in METRICS for s in SUMMARY_STATS)]
+def summary_columns(baseline: str | None = None) -> list[str]:
+    welch = [f"{m}_p" for m in WELCH] if baseline else []
+    return ["config", "seeds", *(f"{m}_{s}" for m in METRICS for s in SUMMARY_STATS), *welch]
 
 
 def _md_value(entry: dict, metric: str) -> str:
@@ -243,7 +247,23 @@ def _md_table(summary: list[dict], metrics: tuple[str, ...], measured: bool = Fa
     return lines
 
 
-def summary_markdown(plan: Plan, summary: list[dict]) -> str:
+def _welch_table(summary: list[dict], baseline: str) -> list[str]:
+    """Welch's p-values against the baseline, for the metrics that have any."""
+    shown = [m for m in WELCH if any(not math.isnan(e[f"{m}_p"]) for e in summary)]
+    lines = [
+        f"Welch's t-test against {baseline} (two-sided p of the per-seed accuracies):",
+        "",
+        "| configuration | " + " | ".join(LABELS[m] for m in shown) + " |",
+        "|---|" + "---:|" * len(shown),
+    ]
+    for e in summary:
+        if e["config"] != baseline and any(not math.isnan(e[f"{m}_p"]) for m in shown):
+            cells = ["–" if math.isnan(e[f"{m}_p"]) else f"{e[f'{m}_p']:.3g}" for m in shown]
+            lines.append(f"| {e['config']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(plan: Plan, summary: list[dict], baseline: str | None = None) -> str:
     """Markdown tables, one per digit set: accuracy % as mean ± std [95% t-interval] over
     seeds."""
     exp, scale, spec = plan.experiment, plan.scale, plan.spec
@@ -267,16 +287,19 @@ def summary_markdown(plan: Plan, summary: list[dict]) -> str:
             "",
             *_md_table(summary, AA_ACCURACIES, measured=True),
         ]
+    if baseline and any(e["config"] == baseline and e["seeds"] > 1 for e in summary):
+        lines += ["", *_welch_table(summary, baseline)]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(plan: Plan) -> tuple[list[dict], list[dict]]:
-    """results.csv, summary.csv and summary.md into OUT; returns (rows, summary)."""
+def write_tables(plan: Plan, baseline: str | None = None) -> tuple[list[dict], list[dict]]:
+    """results.csv, summary.csv and summary.md into OUT (with a `baseline` configuration, Welch
+    tests against it); returns (rows, summary)."""
     rows = collect(plan)
-    summary = summarize(plan, rows)
+    summary = summarize(plan, rows, baseline)
     atomic_write_text(plan.out / "results.csv", csv_text(rows, RUN_COLUMNS))
-    atomic_write_text(plan.out / "summary.csv", csv_text(summary, summary_columns()))
-    atomic_write_text(plan.out / "summary.md", summary_markdown(plan, summary))
+    atomic_write_text(plan.out / "summary.csv", csv_text(summary, summary_columns(baseline)))
+    atomic_write_text(plan.out / "summary.md", summary_markdown(plan, summary, baseline))
     return rows, summary
 
 

@@ -15,6 +15,7 @@ import sys
 from fosctrain.experiments import EXPERIMENTS, SCALES
 
 DRY_RUN_DATA_DIR = "DATA_DIR"
+DEFAULT_BASELINE = "madry-k10"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="copy in the runs these reproduce directories (same scale) trained with an "
         "identical configuration and seed, instead of training them again",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="configuration every other is tested against (Welch's t-test over seeds) in the "
+        "summary (default: madry-k10 where the experiment has it; none: no test)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--print-commands", action="store_true", help="print commands, run nothing")
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     failures = {} if args.collect else run_plan(plan, args.jobs, args.threads, log=_log)
     claim_out(plan)
-    rows, summary = write_tables(plan)
+    rows, summary = write_tables(plan, _baseline(args.baseline, plan))
     figures = write_figures(plan, summary)
     print((plan.out / "summary.md").read_text(), end="")
     done = sum(r["status"] == "finished" for r in rows)
@@ -74,6 +81,20 @@ def run(args: argparse.Namespace) -> int:
     for name, error in failures.items():
         print(f"fosc: run {name} failed: {error}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _baseline(given: str | None, plan) -> str | None:
+    """--baseline, checked against the experiment's configurations; by default madry-k10."""
+    from fosctrain.errors import UserError
+
+    names = plan.experiment.configs
+    if given is None:
+        return DEFAULT_BASELINE if DEFAULT_BASELINE in names else None
+    if given == "none":
+        return None
+    if given not in names:
+        raise UserError(f"--baseline {given}: {plan.experiment.name} has no such configuration")
+    return given
 
 
 def _log(message: str) -> None:
