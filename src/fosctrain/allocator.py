@@ -5,8 +5,10 @@ a fresh mmap and unmaps it on free, so a forward pass whose activations exceed t
 500 MNIST digits through mnist-cnn: ~50 MB) page-faults its memory in anew every time. On this
 2-core machine that doubled the time of an evaluation: APGD-CE on 500 digits took 48 s (15 s
 of it in the kernel) and 24 s with the threshold raised (benchmarks/allocator.py measures it
-side by side). Raising the mmap and trim thresholds keeps the blocks in the heap; the process
-then holds on to its peak memory, which it reaches anyway. A no-op where libc is not glibc.
+side by side). Raising the mmap threshold to 128 MB keeps such blocks in the heap; larger ones
+(FAB's per-class Jacobians: 10 copies of the batch) are still mapped and returned, and the
+trim threshold of 256 MB returns a freed heap top beyond that, so a process does not keep a
+passing peak of gigabytes. A no-op where libc is not glibc.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import ctypes.util
 import functools
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-THRESHOLD = 1 << 30
+MMAP_THRESHOLD, TRIM_THRESHOLD = 128 << 20, 256 << 20
 
 
 @functools.cache
@@ -27,4 +29,5 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    mapped = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    return bool(mapped) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
