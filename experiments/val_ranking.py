@@ -32,7 +32,7 @@ from fosctrain.data import hold_out_validation, load_dataset
 from fosctrain.report import bits_mask
 from fosctrain.runs import load_model
 
-CANDIDATES = ("pgd-20", "apgd-ce-10", "apgd-ce-20", "apgd-ce-50", "apgd-ce-100")
+CANDIDATES = ("pgd-20", "apgd-ce-10", "apgd-ce-20", "apgd-ce-50")
 COLUMNS = ("run", "candidate", "n", "acc", "seconds", "grad_evals")
 SEED = 0
 BOOTSTRAP = 5000
