@@ -62,9 +62,8 @@ def main(out: Path, n: int, baseline: str, configs: list[str]) -> None:
         rows[name] = [r for r in found if r is not None]
     base = rows.get(baseline, [])
     heads = [label for _, label in COLUMNS]
-    print(
-        f"| configuration | seeds | {' | '.join(heads)} | grad evals | p vs {baseline} (APGD-CE+T) |"
-    )
+    title = f"p vs {baseline} (APGD-CE+T)"
+    print(f"| configuration | seeds | {' | '.join(heads)} | grad evals | {title} |")
     print("|---|---:|" + "---:|" * (len(heads) + 2))
     for name, found in rows.items():
         cells = [cell([r[k] for r in found]) for k, _ in COLUMNS]
