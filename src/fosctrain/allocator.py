@@ -2,13 +2,12 @@
 
 glibc's malloc serves every block above its mmap threshold (adapted up to at most 32 MB) with
 a fresh mmap and unmaps it on free, so a forward pass whose activations exceed that (a batch of
-500 MNIST digits through mnist-cnn: ~50 MB) page-faults its memory in anew every time. On this
-2-core machine that doubled the time of an evaluation: APGD-CE on 500 digits took 48 s (15 s
-of it in the kernel) and 24 s with the threshold raised (benchmarks/allocator.py measures it
-side by side). Raising the mmap threshold to 128 MB keeps such blocks in the heap; larger ones
-(FAB's per-class Jacobians: 10 copies of the batch) are still mapped and returned, and the
-trim threshold of 256 MB returns a freed heap top beyond that, so a process does not keep a
-passing peak of gigabytes. A no-op where libc is not glibc.
+500 MNIST digits through mnist-cnn: ~50 MB) page-faults its memory in anew every time.
+benchmarks/allocator.py measures it side by side (1.9x). evaluate() calls this; training's
+batches are small, and its timing-sensitive fault tests keep their kill points. The mmap
+threshold of 128 MB keeps such blocks in the heap; larger ones (FAB's per-class Jacobians)
+are still mapped and returned, and the trim threshold of 256 MB returns a freed heap top
+beyond that. A no-op where libc is not glibc.
 """
 
 from __future__ import annotations

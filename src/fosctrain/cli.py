@@ -11,7 +11,6 @@ import importlib
 import sys
 
 from fosctrain import __version__
-from fosctrain.allocator import keep_freed_memory
 from fosctrain.errors import UserError
 
 VERBS = {
@@ -59,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 0
-        keep_freed_memory()
         return int(_load(args.verb).run(args) or 0)
     except UserError as e:
         print(f"fosc: error: {_one_line(str(e))}", file=sys.stderr)

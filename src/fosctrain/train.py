@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from fosctrain import distributed, progress
-from fosctrain.allocator import keep_freed_memory
 from fosctrain.attacks import Sampler, random_start
 from fosctrain.config import Config
 from fosctrain.data import AUGMENTATIONS, fixed_subset
@@ -382,7 +381,6 @@ def train(config: Config, run_dir: str | Path, **options: Any) -> dict[str, Any]
 
     Started by torchrun (env WORLD_SIZE > 1), this process is one rank of a data-parallel run.
     """
-    keep_freed_memory()
     require_backend(config)  # before the run directory exists: nothing to clean up
     with distributed.session(select_device(config.device)) as dist:
         return fit(build_trainer(config, run_dir, dist=dist, **options))
