@@ -3,6 +3,7 @@ DAT's schedule and savings, run-directory safety."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -215,3 +216,38 @@ def test_cifar_presets_drop_lr_where_the_official_loop_does(preset):
     ]
     assert lr[58] == pytest.approx(0.01) and lr[59] == pytest.approx(0.001)
     assert lr[98] == pytest.approx(0.001) and lr[99] == pytest.approx(0.0001)
+
+
+# Digests of last.safetensors after a small run of each method (one thread, no final attack),
+# pinned so that a refactor that claims to change nothing can prove it: the weights must come
+# out bit-identical. A deliberate change of behaviour updates these with its reason.
+PINNED_WEIGHTS = {
+    "natural": "0d71b9cf83cda011",
+    "madry": "80b65a752db9c367",
+    "cat": "0c107bfe2b38a92a",
+    "dat": "c0080aef9b790f41",
+    "fat": "829b900843348811",
+    "trades": "e1477479ee5c1f12",
+    "fast": "8ed3b99885e9884e",
+    "default": "1ae21a330bd83d01",
+}
+
+
+def weights_digest(path) -> str:
+    tensors = load_file(path)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_WEIGHTS))
+def test_weights_are_bit_identical_to_the_pinned_digest(tmp_path, name):
+    pinned = {**SMALL, "threads": 1, "test_attack": "none"}
+    if name == "default":
+        pinned.pop("steps")  # the method's own default budget
+    else:
+        pinned["method"] = name
+    train_mod.train(resolve(overrides=pinned), tmp_path / name, progress=False)
+    assert weights_digest(tmp_path / name / "last.safetensors") == PINNED_WEIGHTS[name]
