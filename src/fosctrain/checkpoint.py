@@ -38,7 +38,7 @@ OPTIM_PREFIX = "optim"
 OPTIM_GROUPS_PREFIX = "optim/groups"
 STATE_PREFIX = "state"
 
-_TAGS = ("__tensor__", "__tuple__", "__ndarray__", "__dict__")
+_TAGS = ("__tensor__", "__tuple__", "__dict__")
 _CHUNK = 1 << 20
 
 
@@ -86,7 +86,7 @@ def one_line(exc: BaseException) -> str:
 def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
     """Turn `obj` into JSON-able data, moving tensors into `tensors` under keys below `prefix`.
 
-    Tuples, numpy arrays and dicts with non-string keys are tagged so that `_decode`
+    Tuples and dicts with non-string keys are tagged so that `_decode`
     gives back the same types (optimizers and RNG setters care about them). Callables inside
     dicts (LR lambdas) are dropped; other unknown objects are a programming error.
     """
@@ -100,14 +100,6 @@ def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
         return obj
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, np.ndarray):
-        return {
-            "__ndarray__": {
-                "dtype": str(obj.dtype),
-                "shape": list(obj.shape),
-                "data": obj.ravel().tolist(),
-            }
-        }
     if isinstance(obj, tuple):
         return {"__tuple__": _encode_seq(obj, prefix, tensors)}
     if isinstance(obj, list):
@@ -137,7 +129,7 @@ def _encode_dict(obj: dict, prefix: str, tensors: dict[str, Tensor]) -> Any:
 
 
 def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of `_encode`: rebuild tuples, arrays, Counters and put the tensors back."""
+    """Inverse of `_encode`: rebuild tuples and non-string-keyed dicts and put the tensors back."""
     if isinstance(obj, list):
         return [_decode(v, tensors) for v in obj]
     if not isinstance(obj, dict):
@@ -150,10 +142,6 @@ def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
     return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
-def _decode_ndarray(value: dict, tensors: dict[str, Tensor]) -> np.ndarray:
-    return np.asarray(value["data"], dtype=value["dtype"]).reshape(value["shape"])
-
-
 def _decode_pairs(value: list, tensors: dict[str, Tensor]) -> list[tuple[Any, Any]]:
     return [(_decode(k, tensors), _decode(v, tensors)) for k, v in value]
 
@@ -161,7 +149,6 @@ def _decode_pairs(value: list, tensors: dict[str, Tensor]) -> list[tuple[Any, An
 _TAG_DECODERS: dict[str, Callable[[Any, dict[str, Tensor]], Any]] = {
     "__tensor__": lambda key, tensors: tensors[key],
     "__tuple__": lambda value, tensors: tuple(_decode(v, tensors) for v in value),
-    "__ndarray__": _decode_ndarray,
     "__dict__": lambda value, tensors: dict(_decode_pairs(value, tensors)),
 }
 

@@ -52,7 +52,6 @@ SUM_KEYS = (
     "stopped_sum",
     "skipped",
 )
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def env_rank() -> int:
@@ -63,13 +62,16 @@ def env_rank() -> int:
 def shared(error: E) -> E:
     """Mark an error that every rank raises alike: rank 0 reports it and exits with its status,
     the other ranks exit quietly (were they to fail first, the launcher would stop rank 0
-    before it could say why)."""
-    error.every_rank = True  # type: ignore[attr-defined]
+    before it could say why). Only a UserError carries the mark (its declared field
+    `every_rank`): any other exception is a bug, and every rank reports it."""
+    if isinstance(error, UserError):
+        error.every_rank = True
     return error
 
 
 def is_shared(error: BaseException) -> bool:
-    return bool(getattr(error, "every_rank", False))
+    """Whether every rank raised `error` alike (see shared)."""
+    return isinstance(error, UserError) and error.every_rank
 
 
 def under_launcher() -> bool:

@@ -10,6 +10,10 @@ import numbers
 class UserError(Exception):
     """Input the user can fix (missing file, bad option, bad data); never a bug of ours."""
 
+    every_rank: bool = False
+    """True where every rank of a data-parallel run raised it alike (distributed.shared): rank 0
+    alone reports it."""
+
 
 def check_positive(name: str, value: object, *, integer: bool = False, zero_ok: bool = False):
     """`value` if it is a finite number > 0 (>= 0 with zero_ok; an integer if `integer`),

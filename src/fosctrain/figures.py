@@ -17,7 +17,7 @@ from pathlib import Path
 from fosctrain.aggregate import ACCURACIES, LABELS, measure_paths
 from fosctrain.errors import UserError
 from fosctrain.measure import MeasureResult
-from fosctrain.plots import _figure, _legend, _style, read_metrics, save_figure
+from fosctrain.plots import add_legend, new_figure, read_metrics, save_figure, style_axes
 from fosctrain.reproduce import Plan, status
 
 
@@ -27,7 +27,7 @@ def _half(entry: dict, metric: str) -> float:
 
 
 def plot_frontier(summary: list[dict], path: Path) -> Path:
-    fig = _figure(8, 5.5)
+    fig = new_figure(8, 5.5)
     ax = fig.subplots()
     for i, (metric, marker) in enumerate((("apgd", "o"), ("pgd", "s"))):  # same digits
         pts = [e for e in summary if not math.isnan(e[f"{metric}_mean"])]
@@ -53,13 +53,13 @@ def plot_frontier(summary: list[dict], path: Path) -> Path:
                     textcoords="offset points",
                 )
     ax.set_xscale("log")
-    _style(ax, "Robustness against training compute", "gradient evaluations", "accuracy (%)")
-    _legend(ax)
+    style_axes(ax, "Robustness against training compute", "gradient evaluations", "accuracy (%)")
+    add_legend(ax)
     return save_figure(fig, path)
 
 
 def plot_bars(summary: list[dict], path: Path, metrics=("clean", "apgd", "pgd")) -> Path:
-    fig = _figure(max(6, 1.2 * len(summary) + 2), 5)
+    fig = new_figure(max(6, 1.2 * len(summary) + 2), 5)
     ax = fig.subplots()
     width = 0.8 / len(metrics)
     for j, metric in enumerate(metrics):
@@ -68,8 +68,8 @@ def plot_bars(summary: list[dict], path: Path, metrics=("clean", "apgd", "pgd"))
         err = [100 * _half(e, metric) for e in summary]
         ax.bar(xs, ys, width, yerr=err, capsize=2, color=f"C{j}", label=LABELS[metric])
     ax.set_xticks(range(len(summary)), [e["config"] for e in summary], rotation=30, ha="right")
-    _style(ax, "Accuracy per configuration (95% t-intervals over seeds)", "", "accuracy (%)")
-    _legend(ax)
+    style_axes(ax, "Accuracy per configuration (95% t-intervals over seeds)", "", "accuracy (%)")
+    add_legend(ax)
     return save_figure(fig, path)
 
 
@@ -80,7 +80,7 @@ def _mean_rows(results: list[MeasureResult], key: str) -> list[float]:
 
 
 def plot_fosc_vs_steps(plan: Plan, path: Path) -> Path:
-    fig = _figure(8, 5)
+    fig = new_figure(8, 5)
     ax = fig.subplots()
     for i, name in enumerate(plan.experiment.configs):
         results = [MeasureResult.from_csv(p) for p in measure_paths(plan, name)]
@@ -91,13 +91,13 @@ def plot_fosc_vs_steps(plan: Plan, path: Path) -> Path:
         ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.2)
         ax.plot(steps, _mean_rows(results, "fosc_mean"), color=f"C{i}", lw=2, label=f"{name} mean")
         ax.plot(steps, _mean_rows(results, "fosc_median"), color=f"C{i}", ls=":", label="median")
-    _style(ax, "FOSC of PGD examples on test data (band: p10-p90)", "PGD step", "FOSC")
-    _legend(ax)
+    style_axes(ax, "FOSC of PGD examples on test data (band: p10-p90)", "PGD step", "FOSC")
+    add_legend(ax)
     return save_figure(fig, path)
 
 
 def plot_fosc_over_training(plan: Plan, path: Path, configs=("madry", "dat")) -> Path:
-    fig = _figure(8, 5)
+    fig = new_figure(8, 5)
     ax = fig.subplots()
     for i, name in enumerate(configs):
         for run in plan.runs:
@@ -113,8 +113,8 @@ def plot_fosc_over_training(plan: Plan, path: Path, configs=("madry", "dat")) ->
             if name == "dat":
                 targets = [r["fosc_target"] for r in rows]
                 ax.plot(epochs, targets, color=f"C{i}", ls="--", lw=1, label=label and "DAT target")
-    _style(ax, "Mean FOSC of the training examples", "epoch", "FOSC")
-    _legend(ax)
+    style_axes(ax, "Mean FOSC of the training examples", "epoch", "FOSC")
+    add_legend(ax)
     return save_figure(fig, path)
 
 

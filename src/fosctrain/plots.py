@@ -26,7 +26,7 @@ DPI = 120
 RUN_FIGURES = ("accuracy.png", "fosc.png", "grad_evals.png")
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A pyplot-free figure whose layout is recomputed at draw time."""
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
@@ -53,7 +53,7 @@ def plot_measure(
         if isinstance(result_or_csv, MeasureResult)
         else MeasureResult.from_csv(result_or_csv)
     )
-    fig = _figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_f, ax_l = fig.subplots(1, 2)
     steps = result.step
     ax_f.fill_between(
@@ -64,10 +64,10 @@ def plot_measure(
     if log_y:
         _log_axis(ax_f, result.fosc_p10 + result.fosc_median + result.fosc_p90)
     form = {True: " (box-aware)", False: " (paper form)"}.get(result.settings.get("fosc_box"), "")
-    _style(ax_f, f"FOSC during PGD{form}", "PGD step", "FOSC (lower = better converged)")
+    style_axes(ax_f, f"FOSC during PGD{form}", "PGD step", "FOSC (lower = better converged)")
     ax_f.legend()
     ax_l.plot(steps, result.loss_mean, color="C3", lw=2)
-    _style(ax_l, "Attack loss and accuracy", "PGD step", "mean attack loss")
+    style_axes(ax_l, "Attack loss and accuracy", "PGD step", "mean attack loss")
     ax_a = ax_l.twinx()
     ax_a.plot(steps, [100 * a for a in result.accuracy], color="C2", lw=2)
     ax_a.set_ylabel("accuracy (%)")
@@ -111,7 +111,8 @@ def _measure_title(settings: dict) -> str:
     return "PGD convergence" + (" (" + ", ".join(parts) + ")" if parts else "")
 
 
-def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
+def style_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """The house style of every axes: title, axis labels, a light grid."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -165,7 +166,7 @@ def _accuracy_columns(rows: list[dict]) -> tuple[str, str]:
 
 
 def _plot_accuracy(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
-    fig = _figure(8, 5)
+    fig = new_figure(8, 5)
     ax = fig.subplots()
     keys = ACCURACY_COLUMNS + OLD_ACCURACY_COLUMNS
     scale = 100.0 if _as_percent(runs, keys) else 1.0
@@ -182,18 +183,18 @@ def _plot_accuracy(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
                     marker=".",
                     label=f"{label}: {what}",
                 )
-    _style(
+    style_axes(
         ax,
         "Validation accuracy (solid: clean, dashed: robust)",
         "epoch",
         "accuracy (%)" if scale == 100.0 else "accuracy",
     )
-    _legend(ax)
+    add_legend(ax)
     return save_figure(fig, path)
 
 
 def _plot_fosc(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
-    fig = _figure(8, 5)
+    fig = new_figure(8, 5)
     ax = fig.subplots()
     for i, (label, rows) in enumerate(runs):
         for key, ls, what in (
@@ -211,27 +212,28 @@ def _plot_fosc(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
                     lw=1.2 if key == "fosc_target" else 1.8,
                     label=f"{label}: {what}",
                 )
-    _style(ax, "FOSC of the training examples (dashed: DAT target)", "epoch", "FOSC")
-    _legend(ax)
+    style_axes(ax, "FOSC of the training examples (dashed: DAT target)", "epoch", "FOSC")
+    add_legend(ax)
     return save_figure(fig, path)
 
 
 def _plot_grad_evals(runs: list[tuple[str, list[dict]]], path: Path) -> Path:
-    fig = _figure(8, 5)
+    fig = new_figure(8, 5)
     ax = fig.subplots()
     for i, (label, rows) in enumerate(runs):
         xs, ys = _series(rows, "grad_evals")
         if xs:
             ax.plot(xs, ys, color=f"C{i}", marker=".", label=label)
-    _style(
+    style_axes(
         ax, "Cumulative gradient evaluations (attack cost)", "epoch", "input-gradient evaluations"
     )
     ax.yaxis.set_major_formatter(EngFormatter())
-    _legend(ax)
+    add_legend(ax)
     return save_figure(fig, path)
 
 
-def _legend(ax) -> None:
+def add_legend(ax) -> None:
+    """A legend, or a note in the middle of an empty plot (better than a blank figure)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")
     else:
