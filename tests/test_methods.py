@@ -1,4 +1,4 @@
-"""The methods as a drop-in API: the README's example runs, DAT.loss gives the training loop's
+"""The methods as a drop-in API: docs/API.md's example runs, DAT.loss gives the training loop's
 batch, every method works in a user's loop, options come from Config, hooks round-trip."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fosctrain.errors import UserError
 from fosctrain.methods import DAT, METHODS, Info, create_method
 from fosctrain.models import create_model
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
 MARK = "<!-- drop-in-example -->"
 
 
@@ -38,14 +38,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_readme_drop_in_example_runs(one_thread, capsys):
-    """Exactly the README's code block between the markers, executed."""
-    parts = README.read_text().split(MARK)
-    assert len(parts) == 3, "README must hold one drop-in example between two markers"
+def test_api_doc_drop_in_example_runs(one_thread, capsys):
+    """Exactly docs/API.md's code block between the markers, executed."""
+    parts = API_DOC.read_text().split(MARK)
+    assert len(parts) == 3, "docs/API.md must hold one drop-in example between two markers"
     code = re.fullmatch(r"\s*```python\n(.*)```\s*", parts[1], re.S)
     assert code is not None
     namespace: dict = {}
-    exec(compile(code.group(1), str(README), "exec"), namespace)
+    exec(compile(code.group(1), str(API_DOC), "exec"), namespace)
     info, loss, model = namespace["info"], namespace["loss"], namespace["model"]
     assert isinstance(info, Info) and math.isfinite(loss.item())
     assert 1 <= info.steps_mean <= 10 and 0 < info.fosc_median < math.inf
