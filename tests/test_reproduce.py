@@ -73,6 +73,8 @@ def test_every_experiment_runs_at_smoke_scale(smoke, name):
     assert [r["config"] for r in rows] == list(exp.configs)  # one seed at smoke scale
     assert {r["status"] for r in rows} == {"finished"}
     for r in rows:
+        assert r["run_dir"] == f"runs/{r['config']}-s0"  # relative: committed CSVs travel
+        assert (tmp_path / r["run_dir"] / "summary.json").is_file()
         for key in ("clean", "fgsm", "pgd", "cw", "apgd", "worst"):
             assert 0 <= float(r[key]) <= 1
         assert float(r["pgd"]) <= float(r["clean"]) and float(r["apgd"]) <= float(r["clean"])

@@ -163,7 +163,7 @@ def collect(plan: Plan) -> list[dict[str, Any]]:
         numbers = run_numbers(run.dir) if state == "finished" else {}
         row = {"config": run.config_name, "seed": run.seed, "status": state}
         row.update({k: numbers.get(k, math.nan) for k in RUN_COLUMNS if k not in row})
-        row["run_dir"] = str(run.dir)
+        row["run_dir"] = run.dir.relative_to(plan.out).as_posix()  # the same on every machine
         rows.append(row)
     return rows
 
