@@ -276,8 +276,17 @@ def _good() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(6, 1, 4, 4), torch.arange(6) % 3
 
 
-def test_validate_accepts_good_tensors() -> None:
-    validate_tensors(*_good(), num_classes=3, source="good")
+def test_validate_accepts_good_tensors_up_to_their_bounds() -> None:
+    """Pixels exactly 0 and 1, the last class, a single sample, uint8 labels: all valid, and
+    the tensors are left as they were."""
+    x, y = _good()
+    x[0].fill_(0.0)
+    x[1].fill_(1.0)
+    kept = (x.clone(), y.clone())
+    assert validate_tensors(x, y, num_classes=3, source="good") is None
+    assert torch.equal(x, kept[0]) and torch.equal(y, kept[1])
+    one = (torch.ones(1, 1, 2, 2), torch.tensor([2], dtype=torch.uint8))
+    assert validate_tensors(*one, num_classes=3, source="one") is None
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -356,8 +355,6 @@ def test_checkpoint_of_another_config_is_refused_not_fallen_back_from(finished, 
 
 
 def test_eval_on_a_truncated_checkpoint_is_one_line(finished, capsys):
-    if importlib.util.find_spec("fosctrain.commands.eval") is None:
-        pytest.skip("fosc eval is not there yet")
     _truncate(finished / "best.safetensors")
     rc, _, err = _cli(capsys, ["eval", finished, "--n", "8", "--no-progress", "--no-checks"])
     _assert_one_line_error(rc, err, "best.safetensors")
@@ -450,9 +447,8 @@ def test_malicious_pickle_is_refused_and_never_runs(finished, tmp_path, capsys):
             load_weights(path)
         assert "\n" not in str(info.value)
         assert not marker.exists()
-    if importlib.util.find_spec("fosctrain.commands.eval") is not None:
-        rc, _, err = _cli(capsys, ["eval", zipped, "--n", "8", "--no-progress", "--no-checks"])
-        _assert_one_line_error(rc, err, "evil.pt")
+    rc, _, err = _cli(capsys, ["eval", zipped, "--n", "8", "--no-progress", "--no-checks"])
+    _assert_one_line_error(rc, err, "evil.pt")
     rc, _, err = _cli(capsys, ["attack", legacy, "--n", "8", "--steps", "1"])
     _assert_one_line_error(rc, err, "legacy.pth")
     assert not marker.exists()
