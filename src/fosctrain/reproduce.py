@@ -130,7 +130,10 @@ def make_plan(
     runs = []
     for config_name in configs or exp.configs:
         for seed in range(n_seeds):
+            # the run's own closing report is skipped: evaluate_run scores it with the full
+            # suite (APGD-T on all 9 targets) on the same digits
             values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
+            values["test_attack"] = "none"
             run_dir = out / "runs" / f"{config_name}-s{seed}"
             wanted = exp.autoattack_configs is None or config_name in exp.autoattack_configs
             mine = spec if seed < sc.autoattack_seeds and wanted else no_autoattack
