@@ -17,14 +17,13 @@ In a user's loop (the drop-in API; README "Drop-in: your own loop"):
     opt.zero_grad(); loss.backward(); opt.step()
 
 The training loop meets every method through the same hooks, with no-op defaults here:
-`step` (the batch, its per-sample losses and a line for the log, if the batch left one, from
-`after_batch`), `calibrate` (once, on the initial model), `state` / `load_state` (saved in
-each checkpoint), `extra_metrics` (metrics columns) and `fosc_target`. Before any method object
-exists, the configuration and the run meet the classes' own hooks: `defaults` (what a method
-sets where nothing else does: fosctrain.config.resolve), `validate` (its options; every
-method's run on every config, as one Config holds every method's options), `check_world` (what
-its options need of the processes; fosctrain.run) and `report_lines` (its lines in `fosc
-train`'s closing report). With `norm = "l2"` every attack is its L2 form (PGDL2:
+`step` (the batch and its per-sample losses, with the line for the log that `after_batch` may
+leave), `calibrate` (once, on the initial model), `state` / `load_state` (saved in each
+checkpoint), `extra_metrics` (metrics columns) and `fosc_target`. The configuration and the run
+meet the classes before any object exists: `defaults` (what a method sets where nothing else
+does), `validate` and `check_world` (its options, and what they need of the processes; every
+method checks its own on every config, as one Config holds them all) and `report_lines` (its
+lines in `fosc train`'s report). With `norm = "l2"` every attack is its L2 form (PGDL2:
 normalized-gradient steps, projection onto the L2 ball, L2 FOSC), so DAT's threshold and
 `--c-max auto` work on the L2 FOSC.
 """
