@@ -315,12 +315,29 @@ class FoscTarget:
     no rule. c_mode "quantile": each batch's own q_t-quantile of its FOSC at the rule's first
     check, q_t = c_max_quantile x decay(t); nothing to measure (c_max unused)."""
 
+    MODES = ("c_max", "quantile")  # c_mode: c_max x decay, or a batch FOSC quantile
+    CALIBRATIONS = ("initial", "first-batches")  # how c_max "auto" is measured
+
     def __init__(self, config: Config, first_check: int) -> None:
         self.config = config
         self.first_check = first_check  # the step where the rule is first checked
         self.c_max = None if config.c_max == "auto" else float(config.c_max)
         self.measured: list[float] = []  # first-batches: the FOSC values seen so far
         self.batches_measured = 0
+
+    @classmethod
+    def check(cls, c: Config) -> None:
+        """UserError (one line) for target options that cannot work."""
+        if c.c_max != "auto":
+            check_positive("c_max", c.c_max, zero_ok=True)
+        if not 0 < c.c_max_quantile < 1:
+            raise UserError(f"c_max_quantile must be in (0, 1), got {c.c_max_quantile}")
+        check_choice("c schedule", c.c_schedule, DECAY_SHAPES)
+        check_choice("c mode", c.c_mode, cls.MODES)
+        check_choice("c_max calibration", c.c_max_calibration, cls.CALIBRATIONS)
+        check_positive("calibration_batches", c.calibration_batches, integer=True)
+        if c.fosc_relative and c.c_max != "auto" and c.c_max > 2:
+            raise UserError(f"--fosc-relative: c_max is a relative FOSC in [0, 2], got {c.c_max}")
 
     @property
     def quantile_mode(self) -> bool:
@@ -352,8 +369,8 @@ class FoscTarget:
         return None if self.c_max is None else FoscThreshold(self.value(t))
 
     def fit_initial(self, fosc: Tensor) -> str:
-        """ "initial": c_max is the c_max_quantile of `fosc`, the step-1 FOSC of a sample of
-        the training data on the initial model; returns the line that says so."""
+        """c_max_calibration "initial": c_max is the c_max_quantile of `fosc`, the step-1 FOSC
+        of a sample of the training data on the initial model; returns the line that says so."""
         c = self.config
         self.c_max = float(torch.quantile(fosc.double(), c.c_max_quantile))
         return (
@@ -363,7 +380,8 @@ class FoscTarget:
         )
 
     def first_batches_plan(self) -> str | None:
-        """ "first-batches", before its first batch: the line that says what it will measure."""
+        """c_max_calibration "first-batches", before its first batch: the line that says what
+        it will measure (None otherwise)."""
         c = self.config
         if self.to_measure != "first-batches" or self.batches_measured:
             return None
@@ -373,8 +391,9 @@ class FoscTarget:
         )
 
     def record(self, fosc: Tensor) -> str | None:
-        """ "first-batches": record a batch's FOSC at the rule's first check; after the last
-        batch c_max is their c_max_quantile, and the line that says so is returned."""
+        """c_max_calibration "first-batches": record a batch's FOSC at the rule's first check;
+        after the last batch c_max is their c_max_quantile, and the line that says so is
+        returned (None before)."""
         c = self.config
         self.measured += fosc.tolist()
         self.batches_measured += 1
@@ -430,8 +449,6 @@ class DAT(Method):
     DEFAULT_STEP_OF_EPS = 0.5
     DEFAULT_C_MODE = "quantile"
     ABSOLUTE_TARGET_OPTIONS = frozenset({"c_mode", "c_max", "c_max_calibration"})
-    C_MODES = ("c_max", "quantile")  # the target: c_max x decay, or a batch FOSC quantile
-    CALIBRATIONS = ("initial", "first-batches")  # how --c-max auto is measured
 
     def __init__(self, config: Config | None = None, /, **options: Any) -> None:
         super().__init__(config, **options)
@@ -519,17 +536,8 @@ class DAT(Method):
 
     @classmethod
     def validate(cls, c: Config) -> None:
-        """The target's options (issue 13)."""
-        if c.c_max != "auto":
-            check_positive("c_max", c.c_max, zero_ok=True)
-        if not 0 < c.c_max_quantile < 1:
-            raise UserError(f"c_max_quantile must be in (0, 1), got {c.c_max_quantile}")
-        check_choice("c schedule", c.c_schedule, DECAY_SHAPES)
-        check_choice("c mode", c.c_mode, cls.C_MODES)
-        check_choice("c_max calibration", c.c_max_calibration, cls.CALIBRATIONS)
-        check_positive("calibration_batches", c.calibration_batches, integer=True)
-        if c.fosc_relative and c.c_max != "auto" and c.c_max > 2:
-            raise UserError(f"--fosc-relative: c_max is a relative FOSC in [0, 2], got {c.c_max}")
+        """The target's options (FoscTarget.check) and the rule's first check (issue 13)."""
+        FoscTarget.check(c)
         check_positive("dat_min_steps", c.dat_min_steps, integer=True, zero_ok=True)
         if c.dat_min_steps >= c.steps:
             raise UserError(
