@@ -351,9 +351,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def method_defaults(config: Config, given: set[str] | frozenset[str]) -> Config:
-    """`config` with what its method sets for itself where `given` (the options a preset, a
-    file or the caller set) does not (fosctrain.methods: Method.defaults; DAT's PGD-5 of eps / 2
-    and batch-quantile target). An unknown method sets nothing; `validate` names it."""
+    """`config` with what its method sets for itself (the class's `defaults` hook, in
+    fosctrain.methods) where `given`, the options a preset, a file or the caller set, does not.
+    An unknown method sets nothing; `validate` names it."""
     method = METHOD_CLASSES.get(config.method)
     if method is None:
         return config
