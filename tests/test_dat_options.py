@@ -312,7 +312,7 @@ def _fosc_at(
 def test_first_batches_measures_fosc_where_and_as_the_rule_checks_it(options, digits):
     """The drop-in API: one calibration batch is full PGD-K (no stopping rule), and c_max is
     the quantile of the FOSC at the rule's first check, centred, scaled and bounded as the
-    rule has it."""
+    rule has it; the line that says so is what after_batch returns (the step's note)."""
     x, y = digits
     model = fresh_model().eval()
     dat = DAT(small(method="dat", c_max_calibration="first-batches", calibration_batches=1,
@@ -320,14 +320,14 @@ def test_first_batches_measures_fosc_where_and_as_the_rule_checks_it(options, di
     assert dat.attack(0.0).stop is None and math.isnan(dat.fosc_target(0.0))
     result = dat.make_batch(model, x, y, 0.0, torch.Generator().manual_seed(9))
     assert result.steps.tolist() == [3] * len(y) and result.grad_evals == 3 * len(y)
+    line = dat.after_batch(result)
     c = dat.config
     expected = _fosc_at(model, x, y, dat.min_steps, 9, relative=c.fosc_relative,
                         from_start=c.fosc_from_random_start, box=c.fosc_box)  # fmt: skip
     q = c.c_max_quantile
     assert dat.c_max == pytest.approx(float(torch.quantile(expected.double(), q)), rel=1e-5)
-    line = dat.note()
     assert f"c_max auto = {dat.c_max:.4g}" in line and "would have stopped there" in line
-    assert dat.note() is None and isinstance(dat.attack(0.0).stop, FoscThreshold)
+    assert dat.after_batch(result) is None and isinstance(dat.attack(0.0).stop, FoscThreshold)
     assert dat.state() == {"c_max": dat.c_max}
 
 
@@ -339,16 +339,20 @@ def test_first_batches_spans_batches_and_its_state_resumes_it(digits):
     config = small(method="dat", c_max_calibration="first-batches", calibration_batches=3)
     whole, cut = DAT(config), DAT(config)
     batches = [(x[i : i + 32], y[i : i + 32]) for i in (0, 32, 64)]
-    for i, (xb, yb) in enumerate(batches):
-        whole.make_batch(model, xb, yb, 0.0, torch.Generator().manual_seed(i))
+
+    def measure(dat, i):
+        dat.after_batch(dat.make_batch(model, *batches[i], 0.0, torch.Generator().manual_seed(i)))
+
+    for i in range(3):
+        measure(whole, i)
         if i < 2:
-            cut.make_batch(model, xb, yb, 0.0, torch.Generator().manual_seed(i))
+            measure(cut, i)
         assert (whole.c_max is None) == (i < 2)
     state = json.loads(json.dumps(cut.state()))
     assert state["c_max"] is None and state["batches"] == 2 and len(state["measured"]) == 64
     resumed = DAT(config)
     resumed.load_state(state)
-    resumed.make_batch(model, *batches[2], 0.0, torch.Generator().manual_seed(2))
+    measure(resumed, 2)
     assert resumed.c_max == whole.c_max
     assert whole.c_max == pytest.approx(float(torch.quantile(
         torch.cat([_fosc_at(model, xb, yb, 0, i) for i, (xb, yb) in enumerate(batches)]).double(),

@@ -1,9 +1,14 @@
 """The methods as a drop-in API: docs/API.md's example runs, DAT.loss gives the training loop's
-batch, every method works in a user's loop, options come from Config, hooks round-trip."""
+batch, every method works in a user's loop, options come from Config, hooks round-trip; the
+class hooks (defaults, validate, check_world, report_lines) on every path, and nothing outside
+methods.py asks which method runs."""
 
 from __future__ import annotations
 
+import ast
 import copy
+import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -13,9 +18,12 @@ import torch
 
 from fosctrain import config as config_mod
 from fosctrain import methods
+from fosctrain import run as run_mod
 from fosctrain import train as train_mod
+from fosctrain.cli import main
 from fosctrain.config import Config, resolve
 from fosctrain.data import load_mnist5k
+from fosctrain.distributed import Dist
 from fosctrain.errors import UserError
 from fosctrain.methods import DAT, METHODS, Info, create_method
 from fosctrain.models import create_model
@@ -176,3 +184,172 @@ def test_dat_budget_from_a_toml_file_and_the_python_api(tmp_path):
     assert (resolve(None, str(toml), {}).steps, resolve(None, str(toml), {}).alpha) == (7, None)
     assert (DAT().config.steps, DAT().config.alpha) == (5, pytest.approx(0.15))
     assert DAT(Config()).config.steps == 10  # a Config given whole is taken as it is
+
+
+# --------------------------------------------------------------------------- the class hooks
+
+DAT_OWN_DEFAULTS = {"steps": 5, "alpha": pytest.approx(0.15), "c_mode": "quantile"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_methods_defaults_are_the_same_on_every_path(name, tmp_path, capsys):
+    """resolve (the API), `fosc train` options, a TOML file and the drop-in constructor give one
+    Config: Config's defaults with what the method's `defaults` hook sets (DAT alone sets any)."""
+    own = METHODS[name].defaults(Config(method=name), set())
+    assert own == (DAT_OWN_DEFAULTS if name == "dat" else {})
+    expected = dataclasses.replace(Config(method=name), **own).to_dict()
+    toml = tmp_path / "m.toml"
+    toml.write_text(f'method = "{name}"\n')
+    assert main(["train", "--print-config", "--method", name]) == 0
+    out = capsys.readouterr().out
+    paths = {
+        "resolve": resolve(overrides={"method": name}).to_dict(),
+        "cli": json.loads(out[out.index("{") :]),
+        "toml": resolve(None, str(toml), {}).to_dict(),
+        "drop-in": METHODS[name]().config.to_dict(),
+    }
+    for path, values in paths.items():
+        assert values == expected, path
+
+
+@pytest.mark.parametrize("preset", sorted(config_mod.PRESETS))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_presets_set_what_dat_would_so_no_method_adds_defaults(preset, name):
+    """A preset names the attack and c_max, so no method sets anything of its own there."""
+    values = {**config_mod.PRESETS[preset], "method": name, "data_dir": "x"}
+    assert METHODS[name].defaults(Config(**values), set(values)) == {}
+    assert resolve(preset, None, {"method": name, "data_dir": "x"}) == Config(**values)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (set(), {"steps": 5, "alpha": 0.15, "c_mode": "quantile"}),
+        ({"steps"}, {"c_mode": "quantile"}),  # a given K keeps the fields' step rule
+        ({"alpha"}, {"steps": 5, "c_mode": "quantile"}),  # a given step, with DAT's 5 steps
+        ({"c_max"}, {"steps": 5, "alpha": 0.15}),  # an absolute target asked for
+        ({"c_mode"}, {"steps": 5, "alpha": 0.15}),
+        ({"c_max_calibration", "steps", "alpha"}, {}),
+    ],
+)
+def test_dat_defaults_step_aside_for_what_is_given(given, expected):
+    assert DAT.defaults(Config(method="dat"), given) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"c_mode": "median"}, "unknown c mode 'median'"),
+        ({"c_max": -1.0}, "c_max must be"),
+        ({"c_max_quantile": 1.0}, "c_max_quantile must be in"),
+        ({"dat_min_steps": 10, "steps": 10}, "dat_min_steps must be below steps"),
+        ({"late_steps": 3}, "go together"),
+        ({"late_steps": 3, "late_from": 1.0}, "applies to method madry only, not fat"),
+    ],
+)
+def test_each_method_validates_its_own_options_whichever_method_runs(options, message, capsys):
+    """DAT's and Madry's `validate` refuse their bad options on every path and for every
+    method (a Config holds every method's options), one line and exit status 2 on the CLI."""
+    config = Config(method="fat", **options)
+    owner = DAT if "late_steps" not in options else METHODS["madry"]
+    with pytest.raises(UserError, match=message):
+        owner.validate(config)
+    for other in set(METHODS.values()) - {owner}:
+        other.validate(config)  # not theirs
+    with pytest.raises(UserError, match=message):
+        resolve(overrides={"method": "fat", **options})
+    with pytest.raises(UserError, match=message):
+        METHODS["fat"](**options)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    assert main(["train", "--print-config", "--method", "fat", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err)
+
+
+def test_madry_takes_its_late_steps():
+    late = dict(late_steps=3, late_from=1.0)
+    METHODS["madry"].validate(Config(method="madry", **late))
+    assert METHODS["madry"](**late).attack(1.0).steps == 3
+
+
+def test_dat_check_world_refuses_first_batches_in_more_than_one_process():
+    first = Config(c_max_calibration="first-batches")
+    with pytest.raises(UserError, match="one process only"):
+        DAT.check_world(first, Dist(world=2))
+    with pytest.raises(UserError, match="one process only"):
+        run_mod.check_world(first, Dist(world=2), 128)  # the run asks every method
+    DAT.check_world(first, Dist())  # one process: fine
+    DAT.check_world(Config(c_max_calibration="initial"), Dist(world=2))
+    for method in set(METHODS.values()) - {DAT}:
+        method.check_world(first, Dist(world=2))
+
+
+def test_only_dat_adds_lines_to_the_closing_report():
+    assert DAT.report_lines({"c_max": 0.12345}) == ["DAT c_max:            0.1235"]
+    assert DAT.report_lines({"c_max": None}) == []
+    assert all(m.report_lines({"c_max": 0.5}) == [] for m in METHODS.values() if m is not DAT)
+
+
+SRC = Path(methods.__file__).resolve().parent
+# the options only one method reads (Config's help says whose): nothing outside methods.py reads
+# them as attributes
+OWN_OPTIONS = frozenset(
+    {
+        "c_max", "c_max_quantile", "c_max_calibration", "calibration_batches", "c_schedule",
+        "c_mode", "fosc_relative", "dat_min_steps", "fosc_from_random_start", "loss_weighting",
+        "first_step_always", "late_steps", "late_from", "fat_tau", "fat_tau_max", "trades_beta",
+        "fast_alpha",
+    }
+)  # fmt: skip
+METHOD_BLIND = ["train.py", "config.py", "run.py", "experiments.py", "commands/*.py"]
+
+
+def _asks_which_method(tree: ast.AST) -> list[tuple[int, str]]:
+    """Where the code compares with a method's name, checks a method's class, or reads an
+    option that only one method reads."""
+    names, classes = set(METHODS), {cls.__name__ for cls in METHODS.values()}
+
+    def names_a_method(node: ast.AST) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        return isinstance(node, ast.Tuple | ast.List | ast.Set) and any(
+            names_a_method(e) for e in node.elts
+        )
+
+    def asks(node: ast.AST) -> bool:
+        if isinstance(node, ast.Compare):
+            return any(names_a_method(n) for n in (node.left, *node.comparators))
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("isinstance", "issubclass"):
+            return any(isinstance(n, ast.Name) and n.id in classes for n in ast.walk(node.args[1]))
+        if isinstance(node, ast.Attribute):
+            return node.attr in OWN_OPTIONS
+        return isinstance(node, ast.Match)
+
+    return [(n.lineno, ast.unparse(n)) for n in ast.walk(tree) if asks(n)]
+
+
+def test_the_loop_the_run_the_config_and_the_cli_never_ask_which_method_runs():
+    """The training loop, the run, the configuration, the command line and the experiments
+    meet every method through its hooks: no comparison with a method's name, no isinstance
+    of a method class, no read of one method's own option."""
+    files = [p for pattern in METHOD_BLIND for p in sorted(SRC.glob(pattern))]
+    assert len(files) > len(METHOD_BLIND)
+    found = {
+        str(path.relative_to(SRC)): hits
+        for path in files
+        if (hits := _asks_which_method(ast.parse(path.read_text(), str(path))))
+    }
+    assert found == {}
+
+
+def test_the_method_blind_check_catches_what_it_looks_for():
+    caught = [
+        'if config.method == "dat": pass',
+        'x = c.method in ("madry", "cat")',
+        "if isinstance(m, DAT): pass",
+        'if config.c_max_calibration == "first-batches": pass',
+        "match config.method:\n    case _: pass",
+    ]
+    for code in caught:
+        assert _asks_which_method(ast.parse(code)), code
+    assert _asks_which_method(ast.parse('f"{cfg.method} on {cfg.dataset}"')) == []

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from fosctrain.errors import UserError, check_positive
-from fosctrain.schedules import DECAY_SHAPES
+from fosctrain.errors import check_choice as _choice
+from fosctrain.methods import METHODS as METHOD_CLASSES
 from fosctrain.threat import NORMS, eval_step_size, train_step_size, validate_eps
 from fosctrain.validation import check_test_attack, check_val_attack
 
-# the training methods' names, stated once; fosctrain.methods registers a class under each
-METHODS = ("natural", "madry", "cat", "dat", "fat", "trades", "fast")
-C_MODES = ("c_max", "quantile")  # DAT's target: c_max x decay, or a batch FOSC quantile
-CALIBRATIONS = ("initial", "first-batches")  # how DAT's --c-max auto is measured
+# the training methods' names, in the order fosctrain.methods registers a class under each
+METHODS = tuple(METHOD_CLASSES)
 VAL_N = 500  # chosen by measurement on mnist5k: see the val_n help and README
 
 
@@ -351,32 +350,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-# DAT's own defaults where nothing sets them (issue 13), chosen by validation robust accuracy on
-# the default-scale frontier (docs/RESULTS.md): PGD-5 of step 2.5 eps / 5 = eps / 2 instead of
-# the fields' PGD-10 of eps / 4 (the paper's, which presets and --steps 10 keep), and the
-# batch-quantile target (c_mode quantile) unless an absolute target is asked for (--c-max,
-# --c-max-calibration). There it was 80.4% robust on validation (Madry PGD-10: 79.3%) at 46% of
-# Madry PGD-10's gradient evaluations.
-DAT_STEPS = 5
-DAT_STEP_OF_EPS = 0.5
-ABSOLUTE_TARGET_OPTIONS = frozenset({"c_mode", "c_max", "c_max_calibration"})
-
-
 def method_defaults(config: Config, given: set[str] | frozenset[str]) -> Config:
-    """`config` with what its method sets for itself where `given` (the options a preset, a
-    file or the caller set) does not: DAT's PGD-5 of step eps / 2 (a given --steps keeps the
-    fields' step rule, eps / 4; a given --alpha keeps that step with 5 steps) and its
-    batch-quantile target."""
-    if config.method != "dat":
+    """`config` with what its method sets for itself (the class's `defaults` hook, in
+    fosctrain.methods) where `given`, the options a preset, a file or the caller set, does not.
+    An unknown method sets nothing; `validate` names it."""
+    method = METHOD_CLASSES.get(config.method)
+    if method is None:
         return config
-    changes: dict[str, Any] = {}
-    if "steps" not in given:
-        changes["steps"] = DAT_STEPS
-        if "alpha" not in given:
-            changes["alpha"] = DAT_STEP_OF_EPS * config.eps
-    if not given & ABSOLUTE_TARGET_OPTIONS:
-        changes["c_mode"] = "quantile"
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **method.defaults(config, given))
 
 
 def resolve(
@@ -400,25 +381,24 @@ def resolve(
     return config
 
 
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-def _validate_dat(c: Config) -> None:
-    """DAT's target options (issue 13)."""
-    _choice("c schedule", c.c_schedule, DECAY_SHAPES)
-    _choice("c mode", c.c_mode, C_MODES)
-    _choice("c_max calibration", c.c_max_calibration, CALIBRATIONS)
-    check_positive("calibration_batches", c.calibration_batches, integer=True)
-    if c.fosc_relative and c.c_max != "auto" and c.c_max > 2:
-        raise UserError(f"--fosc-relative: c_max is a relative FOSC in [0, 2], got {c.c_max}")
-    check_positive("dat_min_steps", c.dat_min_steps, integer=True, zero_ok=True)
-    if c.dat_min_steps >= c.steps:
+def method_config(name: str, config: Config | None, options: dict[str, Any]) -> Config:
+    """The validated Config of method `name` built in a user's loop (`DAT(eps=0.1)`): `config`
+    (default: Config's defaults and the method's own, as `resolve` has them) with `options`,
+    keyword by keyword; Config's fields are the one source of every option."""
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
         raise UserError(
-            f"dat_min_steps must be below steps ({c.steps}), got {c.dat_min_steps}: "
-            "the rule would never be checked"
+            f"unknown option(s) {', '.join(unknown)} for {name}; options are the fields of "
+            "fosctrain.config.Config (eps, alpha, steps, norm, c_max, t_prime, ...)"
         )
+    if config is None:
+        config = method_defaults(Config(**{"method": name, **options}), set(options))
+    else:
+        config = dataclasses.replace(config, **options)
+    if config.method != name:
+        raise UserError(f"a {name} method cannot be built from a {config.method!r} config")
+    validate(config)
+    return config
 
 
 def validate(c: Config) -> None:
@@ -457,23 +437,13 @@ def validate(c: Config) -> None:
     for name in ("alpha", "fast_alpha", "eval_alpha", "t_prime", "threads"):
         if getattr(c, name) is not None:
             check_positive(name, getattr(c, name), integer=name in ("t_prime", "threads"))
-    if c.c_max != "auto":
-        check_positive("c_max", c.c_max, zero_ok=True)
-    if not 0 < c.c_max_quantile < 1:
-        raise UserError(f"c_max_quantile must be in (0, 1), got {c.c_max_quantile}")
-    _validate_dat(c)
     if not isinstance(c.lr_milestones, list) or not all(
         isinstance(m, int) and m > 0 for m in c.lr_milestones
     ):
         raise UserError(f"lr_milestones must be a list of positive epochs, got {c.lr_milestones!r}")
     if not isinstance(c.model_kwargs, dict):
         raise UserError(f"model_kwargs must be a table/dict, got {c.model_kwargs!r}")
-    if (c.late_steps is None) != (c.late_from is None):
-        raise UserError("late_steps and late_from go together: give both or neither")
-    if c.late_steps is not None:
-        check_positive("late_steps", c.late_steps, integer=True)
-        check_positive("late_from", c.late_from, zero_ok=True)
-        if c.method != "madry":
-            raise UserError(f"late_steps applies to method madry only, not {c.method}")
+    for method in METHOD_CLASSES.values():  # each checks its own options, whichever method runs
+        method.validate(c)
     if c.dataset not in ("mnist5k", "mnist") and c.data_dir is None:
         raise UserError(f"dataset {c.dataset} needs --data-dir (nothing is downloaded)")

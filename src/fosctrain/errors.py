@@ -1,5 +1,5 @@
 """The one exception type for bad user input: the CLI turns it into one line on stderr, exit 2;
-and the one check of a positive (or non-negative) number that raises it."""
+and the checks that raise it: a positive (or non-negative) number, one of a few choices."""
 
 from __future__ import annotations
 
@@ -25,3 +25,9 @@ def check_positive(name: str, value: object, *, integer: bool = False, zero_ok: 
     what = "an integer" if integer else "a finite number"
     bound = ">= 0" if zero_ok else ">= 1" if integer else "> 0"
     raise UserError(f"{name} must be {what} {bound}, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """UserError naming `name` and the choices unless `value` is one of them."""
+    if value not in choices:
+        raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, choices))}")

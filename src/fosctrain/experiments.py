@@ -23,6 +23,7 @@ from typing import Any
 
 from fosctrain.config import METHODS, PRESETS, Config
 from fosctrain.errors import UserError
+from fosctrain.methods import DAT
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,13 @@ def _dat(c_max: float | str, t_prime: float = 5 / 6, **options: Any) -> dict[str
     }
 
 
-# `fosc train`'s DAT (fosctrain.config.method_defaults): PGD-5 of eps/2, batch-quantile target
-DAT_DEFAULTS = _dat("auto", steps=5, alpha=Of("eps", 0.5), c_mode="quantile")
+# `fosc train`'s DAT (fosctrain.methods.DAT.defaults): PGD-5 of eps/2, batch-quantile target
+DAT_DEFAULTS = _dat(
+    "auto",
+    steps=DAT.DEFAULT_STEPS,
+    alpha=Of("eps", DAT.DEFAULT_STEP_OF_EPS),
+    c_mode=DAT.DEFAULT_C_MODE,
+)
 # the methods experiment's madry and dat are spelled as the frontier's madry-k10 and
 # dat-k5-quantile, so that `fosc reproduce methods --reuse FRONTIER_DIR` trains each once
 METHOD_CONFIGS = {"madry": _madry_k(10), "dat": DAT_DEFAULTS}

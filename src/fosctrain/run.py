@@ -36,7 +36,7 @@ from fosctrain.distributed import Dist
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
 from fosctrain.logs import TensorBoard
-from fosctrain.methods import Method, create_method
+from fosctrain.methods import METHODS, Method, create_method
 from fosctrain.runs import LOCK_NAME, RunLock, build_model
 from fosctrain.validation import final_words, val_words
 
@@ -258,11 +258,8 @@ def check_world(config: Config, dist: Dist, n_train: int) -> None:
     """What the processes and their devices must allow (one line each)."""
     if config.sync_bn and dist.enabled and dist.device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on CPU)")
-    if dist.enabled and config.c_max_calibration == "first-batches":
-        raise UserError(
-            "--c-max-calibration first-batches runs in one process only (each process would "
-            "measure its own shard); use initial, or give --c-max"
-        )
+    for method in METHODS.values():  # each checks its own options, whichever method runs
+        method.check_world(config, dist)
     last = n_train % config.batch_size
     smallest = min(config.batch_size, last) if last else config.batch_size
     if smallest < dist.world:

@@ -76,9 +76,8 @@ def train_batch(
     attack runs on the plain module, the training forward through DDP (tr.step_model)."""
     with autocast(tr):
         step = tr.method.step(tr.model, x, y, t, tr.generator, start, tr.step_model)
-    line = tr.method.note()
-    if line is not None and tr.dist.is_main:
-        progress.line(f"fosc: {line}")
+    if step.note is not None and tr.dist.is_main:
+        progress.line(f"fosc: {step.note}")
     loss = scaled_for_shards(tr, step.losses.float().mean(), len(y), global_n)
     if not finite_on_every_rank(tr, loss):
         return skip_or_stop(tr, step, loss, epoch)

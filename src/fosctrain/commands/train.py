@@ -13,6 +13,7 @@ from typing import Any
 
 from fosctrain.config import FIELDS, PRESET_DIFFERENCES, PRESETS, Config, resolve
 from fosctrain.errors import UserError, check_positive
+from fosctrain.methods import METHODS
 
 
 def _optional(kind):
@@ -225,6 +226,4 @@ def report(summary: dict[str, Any]) -> str:
         f"gradient evaluations: {summary['grad_evals']:,} "
         f"({summary['attack_grad_evals']:,} in attacks), {summary['time_s']:.0f} s of training"
     )
-    if summary.get("c_max") is not None:
-        lines.append(f"DAT c_max:            {summary['c_max']:.4g}")
-    return "\n".join(lines)
+    return "\n".join(lines + METHODS[summary["method"]].report_lines(summary))
