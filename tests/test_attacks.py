@@ -15,6 +15,7 @@ from fosctrain.attacks import (
     FGSM,
     PGD,
     PGDL2,
+    AttackSpec,
     CWInf,
     FoscThreshold,
     MisclassifiedTau,
@@ -279,11 +280,7 @@ def test_l2_projection(shared_cnn, data):
         shared_cnn,
         x,
         y,
-        eps=eps,
-        alpha=1.0,
-        steps=3,
-        norm="l2",
-        bounds=(-10.0, 10.0),
+        AttackSpec(eps=eps, alpha=1.0, steps=3, norm="l2", bounds=(-10.0, 10.0)),
         generator=torch.Generator().manual_seed(1),
     )
     wide_norms = (wide.x_adv - x).flatten(1).norm(dim=1)
@@ -672,7 +669,7 @@ def test_unknown_norm_and_attack_name_raise_user_error(linear_model):
     x = torch.rand(4, 1, 4, 4)
     y = torch.zeros(4, dtype=torch.long)
     with pytest.raises(UserError, match="norm"):
-        run_attack(linear_model, x, y, eps=0.1, alpha=0.01, steps=1, norm="l1")
+        run_attack(linear_model, x, y, AttackSpec(eps=0.1, alpha=0.01, steps=1, norm="l1"))
     with pytest.raises(UserError, match="attack"):
         create_attack("deepfool", eps=0.1)
 

@@ -37,13 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fosctrain.attacks import (
+    FGSM_RS_ALPHA,
     PGD,
-    PGDL2,
     AttackResult,
     BatchQuantile,
     FoscThreshold,
     MisclassifiedTau,
     Sampler,
+    create_attack,
 )
 from fosctrain.attacks.engine import attack_mode, random_start
 from fosctrain.config import Config, method_defaults, validate
@@ -66,11 +67,6 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return add
-
-
-def pgd_class(norm: str) -> type[PGD]:
-    """The PGD of a threat model: L-inf (the default) or L2."""
-    return PGDL2 if norm == "l2" else PGD
 
 
 @dataclass(frozen=True)
@@ -202,7 +198,7 @@ class Method:
             random_start=c.random_start,
             fosc_box=c.fosc_box,
         )
-        return pgd_class(c.norm)(**{**options, **overrides})
+        return create_attack("pgd", norm=c.norm, **{**options, **overrides})
 
     def make_batch(
         self,
@@ -460,7 +456,7 @@ class FastAT(Method):
 
     def attack(self, t: float) -> PGD:
         c = self.config
-        alpha = 1.25 * c.eps if c.fast_alpha is None else c.fast_alpha
+        alpha = FGSM_RS_ALPHA * c.eps if c.fast_alpha is None else c.fast_alpha
         return self.pgd(alpha=alpha, steps=1, random_start=True)
 
 
