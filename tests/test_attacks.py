@@ -692,9 +692,7 @@ def test_create_attack_builds_every_registered_attack_with_the_same_options(line
     for name, cls in ATTACKS.items():
         attack = create_attack(name, **options)
         assert type(attack) is cls and attack.step_size == 0.02 and attack.steps == 1
-        spec = attack.spec
-        assert spec.norm == cls.norm and spec.alpha == 0.02
-        assert spec.final_fosc and not spec.random_start
+        assert attack.norm == cls.norm and attack.final_fosc and not attack.random_start
         res = attack(linear_model, x, y)
         assert res.steps.tolist() == [1] * 4 and res.grad_evals == 8  # a step and final_fosc
         p = math.inf if cls.norm == "linf" else 2
@@ -706,7 +704,7 @@ def test_create_attack_picks_the_form_of_the_norm():
     assert type(create_attack("pgd", norm="l2")) is PGDL2
     assert type(create_attack("pgd-l2", norm="l2")) is PGDL2
     assert type(create_attack("pgd-l2")) is PGDL2 and type(create_attack("cw")) is CWInf
-    assert create_attack("pgd", norm="l2", eps=1.5, steps=3).spec.norm == "l2"
+    assert create_attack("pgd", norm="l2", eps=1.5, steps=3).norm == "l2"
     for name, norm in (("cw", "l2"), ("fgsm", "l2"), ("fgsm-rs", "l2"), ("pgd-l2", "linf")):
         choices = "['pgd', 'pgd-l2']" if norm == "l2" else "['cw', 'fgsm', 'fgsm-rs', 'pgd']"
         message = f"attack '{name}' has no {norm} form; for {norm} choose one of {choices}"
@@ -741,30 +739,31 @@ def test_each_attack_class_owns_its_step_size_rule(name, expected, rule):
     attack = create_attack(name, eps=0.2)
     assert attack.alpha is None and attack.alpha_rule == rule
     assert attack.step_size == attack.default_alpha() == pytest.approx(expected)
-    assert attack.spec.alpha == attack.step_size == attack.describe()["alpha"]
+    assert attack.step_size == attack.describe()["alpha"]
     assert create_attack(name, eps=0.2, alpha=0.01).step_size == 0.01
     assert FGSM_RS_ALPHA == 1.25
 
 
-def test_the_spec_carries_every_option_of_every_attack():
-    spec_fields = {f.name for f in dataclasses.fields(AttackSpec)}
+def test_every_attack_is_the_spec_the_engine_runs(linear_model):
+    """An attack passes itself to run_attack: the options are AttackSpec's fields (with the
+    class's defaults and seed), its norm and the engine's pixel box are the class's, and a plain
+    AttackSpec of the same settings gives the same result."""
+    engine_only = {"norm", "bounds", "eval_mode"}
+    options = {f.name for f in dataclasses.fields(AttackSpec)} - engine_only
     for cls in ATTACKS.values():
-        assert {f.name for f in dataclasses.fields(cls)} - {"seed"} <= spec_fields
-    stop = FoscThreshold(0.1)
-    options = dict(
-        steps=3,
-        loss="cw",
-        targeted=True,
-        random_start=False,
-        stop=stop,
-        min_steps=1,
-        fosc_from_start=True,
-        fosc_relative=True,
-        final_fosc=True,
-        compact=False,
-    )
-    attack = create_attack("pgd", norm="l2", eps=1.0, seed=4, **options)
-    assert attack.spec == AttackSpec(eps=1.0, alpha=0.25, norm="l2", **options)
+        assert issubclass(cls, AttackSpec)
+        assert {f.name for f in dataclasses.fields(cls) if f.init} == options | {"seed"}
+        with pytest.raises(TypeError):
+            cls(norm="l2" if cls.norm == "linf" else "linf")
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(UserError, match="give alpha"):
+        run_attack(linear_model, x, y, AttackSpec(eps=0.1, alpha=None, steps=1))
+    attack = create_attack("pgd", norm="l2", eps=1.0, steps=3, loss="cw", min_steps=1)
+    spec = AttackSpec(eps=1.0, alpha=0.25, steps=3, loss="cw", min_steps=1, norm="l2")
+    ours = attack(linear_model, x, y, generator=torch.Generator().manual_seed(2))
+    plain = run_attack(linear_model, x, y, spec, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ours.x_adv, plain.x_adv) and torch.equal(ours.fosc, plain.fosc)
 
 
 def _src_modules():
@@ -793,7 +792,7 @@ def test_attacks_are_built_only_inside_the_attacks_package():
 def test_nothing_sets_an_attacks_options_after_construction():
     """An attack is built with the options it runs with: no `X.alpha = ...` anywhere (nor of
     another option on anything but `self`), no setattr of one."""
-    options = {f.name for f in dataclasses.fields(PGD)}
+    options = {f.name for f in dataclasses.fields(PGD) if f.init}
     found = []
     for module, tree in _src_modules():
         for node in ast.walk(tree):

@@ -23,37 +23,37 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain.attacks.stopping import StoppingRule
-from fosctrain.errors import check_positive
+from fosctrain.errors import UserError, check_positive
 from fosctrain.fosc import box_exact, fosc, relative_fosc
 from fosctrain.losses import input_gradient, objective
 from fosctrain.threat import BOUNDS, check_norm
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttackSpec:
-    """What one run of the engine does; the attack classes (fosctrain.attacks.pgd) build it.
+    """What one run of the engine does. Every attack class (fosctrain.attacks.pgd) is one, with
+    its defaults, its norm and its step-size rule, and passes itself to the engine.
 
-    eps, alpha, steps: the budget, the step size and the number of projected steps, in the
-    `norm` ball ("linf" or "l2") intersected with the pixel box `bounds`. loss: the attack
-    objective's name (fosctrain.losses), maximized, or with `targeted` minimized towards the
-    labels given. random_start: start from a point the sampler draws (else from x0). stop: the
-    stopping rule, consulted from step `min_steps` on (the official DAT code always takes the
-    first step: min_steps=1). fosc_box: the exact box-aware FOSC (L-inf only, see
-    fosctrain.fosc.box_exact). fosc_from_start: FOSC around the random start, the official
-    code's quirk, instead of around x0. fosc_relative: every FOSC the engine reports (to the
-    rule, the observer, the trace and the result) is fosctrain.fosc.relative_fosc.
-    final_fosc: one more gradient pass measures FOSC at the returned points. compact: stopped
-    samples leave the batch (the cost falls, the result does not change). eval_mode: attack
-    the model in eval mode (its mode is restored afterwards).
+    eps, alpha, steps: the budget, the step size and the number of projected steps (alpha None:
+    the attack class's rule, `default_alpha`), in the `norm` ball ("linf" or "l2") intersected
+    with the pixel box `bounds`. loss: the attack objective's name (fosctrain.losses),
+    maximized, or with `targeted` minimized towards the labels given. random_start: start from
+    a point the sampler draws (else from x0). stop: the stopping rule, consulted from step
+    `min_steps` on (the official DAT code always takes the first step: min_steps=1). fosc_box:
+    the exact box-aware FOSC (L-inf only, see fosctrain.fosc.box_exact). fosc_from_start: FOSC
+    around the random start, the official code's quirk, instead of around x0. fosc_relative:
+    every FOSC the engine reports (to the rule, the observer, the trace and the result) is
+    fosctrain.fosc.relative_fosc. final_fosc: one more gradient pass measures FOSC at the
+    returned points. compact: stopped samples leave the batch (the cost falls, the result does
+    not change). eval_mode: attack the model in eval mode (its mode is restored afterwards).
     """
 
     eps: float
-    alpha: float
+    alpha: float | None
     steps: int
-    norm: str = "linf"
+    random_start: bool = True
     loss: str = "ce"
     targeted: bool = False
-    random_start: bool = True
     stop: StoppingRule | None = None
     min_steps: int = 0
     fosc_box: bool = False
@@ -61,8 +61,17 @@ class AttackSpec:
     fosc_relative: bool = False
     final_fosc: bool = False
     compact: bool = True
+    norm: str = "linf"
     bounds: tuple[float, float] = BOUNDS
     eval_mode: bool = True
+
+    def default_alpha(self) -> float:
+        """The step size when alpha is None: each attack class states its rule."""
+        raise UserError("give alpha: a plain AttackSpec has no step-size rule")
+
+    @property
+    def step_size(self) -> float:
+        return self.default_alpha() if self.alpha is None else self.alpha
 
 
 @dataclass
@@ -196,7 +205,7 @@ def run_attack(
     the stopped set, which keeps its points; the rest take a step. `y` holds the target labels
     when `spec.targeted`. `observer` sees every evaluation.
     """
-    eps, alpha, steps = validate(spec.eps, spec.alpha, spec.steps)
+    eps, alpha, steps = validate(spec.eps, spec.step_size, spec.steps)
     norm, bounds = check_norm(spec.norm), spec.bounds
     fbounds = bounds if box_exact(norm, spec.fosc_box) else None
     f_obj = objective(spec.loss, spec.targeted)
