@@ -280,7 +280,8 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     if found != magic:
         raise UserError(f"{path}: expected idx magic number {magic}, found {found}")
     if ndim == 3 and dims[1:] != _MNIST_SHAPE[1:]:
-        raise UserError(f"{path}: expected 28 x 28 images, found {dims[1]} x {dims[2]}")
+        h, w = _MNIST_SHAPE[1:]
+        raise UserError(f"{path}: expected {h} x {w} images, found {dims[1]} x {dims[2]}")
     offset = 4 * (1 + ndim)
     expected = offset + int(np.prod(dims))
     if len(data) != expected:
