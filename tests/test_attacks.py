@@ -4,7 +4,11 @@ the official code's quirks as options, and option validation."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +16,17 @@ import torchattacks
 from torch import nn
 
 from fosctrain.attacks import (
+    ATTACKS,
     FGSM,
+    FGSM_RS_ALPHA,
     PGD,
     PGDL2,
+    AttackSpec,
     CWInf,
     FoscThreshold,
     MisclassifiedTau,
     create_attack,
+    register,
     run_attack,
 )
 from fosctrain.attacks.engine import MIN_ROWS, _pad_rows, project
@@ -279,11 +287,7 @@ def test_l2_projection(shared_cnn, data):
         shared_cnn,
         x,
         y,
-        eps=eps,
-        alpha=1.0,
-        steps=3,
-        norm="l2",
-        bounds=(-10.0, 10.0),
+        AttackSpec(eps=eps, alpha=1.0, steps=3, norm="l2", bounds=(-10.0, 10.0)),
         generator=torch.Generator().manual_seed(1),
     )
     wide_norms = (wide.x_adv - x).flatten(1).norm(dim=1)
@@ -668,22 +672,149 @@ def test_invalid_options_raise_user_error(linear_model, options, match):
     assert not linear_model.training
 
 
-def test_unknown_norm_and_attack_name_raise_user_error(linear_model):
+def test_unknown_norm_raises_user_error(linear_model):
     x = torch.rand(4, 1, 4, 4)
     y = torch.zeros(4, dtype=torch.long)
     with pytest.raises(UserError, match="norm"):
-        run_attack(linear_model, x, y, eps=0.1, alpha=0.01, steps=1, norm="l1")
-    with pytest.raises(UserError, match="attack"):
-        create_attack("deepfool", eps=0.1)
+        run_attack(linear_model, x, y, AttackSpec(eps=0.1, alpha=0.01, steps=1, norm="l1"))
 
 
-def test_create_attack_registry(linear_model):
-    assert isinstance(create_attack("pgd", eps=0.1), PGD)
-    assert type(create_attack("pgd-l2")) is PGDL2
-    fgsm = create_attack("fgsm", eps=0.2)
-    assert type(fgsm) is FGSM and fgsm.step_size == 0.2 and fgsm.steps == 1
-    cw = create_attack("cw", eps=0.1)
-    assert type(cw) is CWInf and cw.loss == "cw" and cw.step_size == pytest.approx(0.025)
+# ---------------------------------------------------------------------------------- factory
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "fosctrain"
+
+
+def test_create_attack_builds_every_registered_attack_with_the_same_options(linear_model):
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4, dtype=torch.long)
+    options = dict(eps=0.1, alpha=0.02, steps=1, random_start=False, final_fosc=True, seed=0)
+    assert sorted(ATTACKS) == ["cw", "fgsm", "fgsm-rs", "pgd", "pgd-l2"]
+    for name, cls in ATTACKS.items():
+        attack = create_attack(name, **options)
+        assert type(attack) is cls and attack.step_size == 0.02 and attack.steps == 1
+        assert attack.norm == cls.norm and attack.final_fosc and not attack.random_start
+        res = attack(linear_model, x, y)
+        assert res.steps.tolist() == [1] * 4 and res.grad_evals == 8  # a step and final_fosc
+        p = math.inf if cls.norm == "linf" else 2
+        assert (res.x_adv - x).flatten(1).norm(dim=1, p=p).max() <= 0.1 + 1e-6
+
+
+def test_create_attack_picks_the_form_of_the_norm():
+    assert type(create_attack("pgd", norm="linf")) is PGD
+    assert type(create_attack("pgd", norm="l2")) is PGDL2
+    assert type(create_attack("pgd-l2", norm="l2")) is PGDL2
+    assert type(create_attack("pgd-l2")) is PGDL2 and type(create_attack("cw")) is CWInf
+    assert create_attack("pgd", norm="l2", eps=1.5, steps=3).norm == "l2"
+    for name, norm in (("cw", "l2"), ("fgsm", "l2"), ("fgsm-rs", "l2"), ("pgd-l2", "linf")):
+        choices = "['pgd', 'pgd-l2']" if norm == "l2" else "['cw', 'fgsm', 'fgsm-rs', 'pgd']"
+        message = f"attack '{name}' has no {norm} form; for {norm} choose one of {choices}"
+        with pytest.raises(UserError, match=re.escape(message)):
+            create_attack(name, norm=norm)
+    with pytest.raises(UserError, match="unknown norm 'l1'"):
+        create_attack("pgd", norm="l1")
+
+
+def test_unknown_attack_names_give_a_user_error_listing_the_choices():
+    choices = "['cw', 'fgsm', 'fgsm-rs', 'pgd', 'pgd-l2']"
+    for name, norm in (("deepfool", None), ("deepfool", "l2"), ("PGD", "linf")):
+        message = f"unknown attack {name!r}; choose one of {choices}"
+        with pytest.raises(UserError, match=re.escape(message)):
+            create_attack(name, norm=norm, eps=0.1)
+    with pytest.raises(ValueError, match="already registered"):
+        register("pgd")(PGD)
+    assert ATTACKS["pgd"] is PGD
+
+
+@pytest.mark.parametrize(
+    ("name", "expected", "rule"),
+    [
+        ("pgd", 0.2 / 4, "eps/4"),
+        ("pgd-l2", 0.2 / 4, "eps/4"),
+        ("cw", 0.2 / 4, "eps/4"),
+        ("fgsm", 0.2, "eps"),
+        ("fgsm-rs", FGSM_RS_ALPHA * 0.2, "1.25 eps"),
+    ],
+)
+def test_each_attack_class_owns_its_step_size_rule(name, expected, rule):
+    attack = create_attack(name, eps=0.2)
+    assert attack.alpha is None and attack.alpha_rule == rule
+    assert attack.step_size == attack.default_alpha() == pytest.approx(expected)
+    assert attack.step_size == attack.describe()["alpha"]
+    assert create_attack(name, eps=0.2, alpha=0.01).step_size == 0.01
+    assert FGSM_RS_ALPHA == 1.25
+
+
+def test_every_attack_is_the_spec_the_engine_runs(linear_model):
+    """An attack passes itself to run_attack: the options are AttackSpec's fields (with the
+    class's defaults and seed), its norm and the engine's pixel box are the class's, and a plain
+    AttackSpec of the same settings gives the same result."""
+    engine_only = {"norm", "bounds", "eval_mode"}
+    options = {f.name for f in dataclasses.fields(AttackSpec)} - engine_only
+    for cls in ATTACKS.values():
+        assert issubclass(cls, AttackSpec)
+        assert {f.name for f in dataclasses.fields(cls) if f.init} == options | {"seed"}
+        with pytest.raises(TypeError):
+            cls(norm="l2" if cls.norm == "linf" else "linf")
+    x = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(UserError, match="give alpha"):
+        run_attack(linear_model, x, y, AttackSpec(eps=0.1, alpha=None, steps=1))
+    attack = create_attack("pgd", norm="l2", eps=1.0, steps=3, loss="cw", min_steps=1)
+    spec = AttackSpec(eps=1.0, alpha=0.25, steps=3, loss="cw", min_steps=1, norm="l2")
+    ours = attack(linear_model, x, y, generator=torch.Generator().manual_seed(2))
+    plain = run_attack(linear_model, x, y, spec, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ours.x_adv, plain.x_adv) and torch.equal(ours.fosc, plain.fosc)
+
+
+def _src_modules():
+    for path in sorted(SRC.rglob("*.py")):
+        yield path.relative_to(SRC), ast.parse(path.read_text())
+
+
+def test_attacks_are_built_only_inside_the_attacks_package():
+    """Everyone else builds them with create_attack: the name and norm -> class choice and each
+    class's step-size rule live in the registry and the classes."""
+    names = {cls.__name__ for cls in ATTACKS.values()} | {"AttackSpec"}
+    found = []
+    for module, tree in _src_modules():
+        if module.parts[0] == "attacks":
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if called in names:
+                found.append(f"{module}:{node.lineno} {called}(...)")
+    assert found == []
+
+
+def test_nothing_sets_an_attacks_options_after_construction():
+    """An attack is built with the options it runs with: no `X.alpha = ...` anywhere (nor of
+    another option on anything but `self`), no setattr of one."""
+    options = {f.name for f in dataclasses.fields(PGD) if f.init}
+    found = []
+    for module, tree in _src_modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr":
+                name = node.args[1] if len(node.args) > 1 else None
+                if isinstance(name, ast.Constant) and name.value in options:
+                    found.append(f"{module}:{node.lineno} setattr(..., {name.value!r})")
+                continue
+            else:
+                continue
+            for target in targets:
+                for sub in ast.walk(target):
+                    if not isinstance(sub, ast.Attribute) or sub.attr not in options:
+                        continue
+                    on_self = isinstance(sub.value, ast.Name) and sub.value.id == "self"
+                    if sub.attr == "alpha" or not on_self:
+                        found.append(f"{module}:{node.lineno} .{sub.attr} = ...")
+    assert found == []
 
 
 # ---------------------------------------------------------------------------------- device

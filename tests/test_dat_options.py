@@ -22,7 +22,7 @@ from fosctrain.cli import main
 from fosctrain.config import Config, resolve
 from fosctrain.data import load_mnist5k
 from fosctrain.errors import UserError
-from fosctrain.fosc import fosc, fosc_half_range, linear_range, point_fosc, relative_fosc
+from fosctrain.fosc import fosc, fosc_half_range, point_fosc, relative_fosc
 from fosctrain.losses import OBJECTIVES, cross_entropy, input_gradient, objective
 from fosctrain.methods import DAT, create_method
 from fosctrain.models import create_model
@@ -207,8 +207,8 @@ def test_relative_rule_stops_the_same_samples_when_the_objective_is_scaled(
 
     def run(k: float, relative: bool, threshold: float):
         monkeypatch.setitem(OBJECTIVES, "scaled", lambda z, t: k * cross_entropy(z, t))
-        pgd = cls(eps=eps, steps=6, loss="scaled", fosc_relative=relative)
-        pgd.stop = FoscThreshold(threshold)
+        stop = FoscThreshold(threshold)
+        pgd = cls(eps=eps, steps=6, loss="scaled", fosc_relative=relative, stop=stop)
         return pgd(model, x[:48], y[:48], generator=torch.Generator().manual_seed(3))
 
     free = cls(eps=eps, steps=6, fosc_relative=True)(
@@ -425,23 +425,20 @@ def test_first_batches_is_refused_data_parallel():
 
 
 def test_point_fosc_is_half_the_relative_fosc_and_nan_at_zero_gradient():
-    """One source: linear_range is twice fosc_half_range, point_fosc's relative value half of
-    relative_fosc (in [0, 1]), NaN where relative_fosc says 0 (no gradient)."""
+    """One meaning: point_fosc's relative value is relative_fosc / 2 (in [0, 1]), box-exact as
+    asked (downgraded for L2, see box_exact), NaN where relative_fosc says 0 (no gradient)."""
     gen = torch.Generator().manual_seed(3)
     x0 = torch.rand(8, 1, 5, 5, generator=gen)
-    g = torch.randn(x0.shape, generator=gen)
-    for norm, box in (("linf", False), ("linf", True), ("l2", False)):
-        bounds = (0.0, 1.0) if box else None
-        torch.testing.assert_close(
-            linear_range(x0, g, 0.3, norm, box), 2 * fosc_half_range(x0, g, 0.3, norm, bounds),
-            rtol=0, atol=0,
-        )  # fmt: skip
     model = nn.Sequential(nn.Flatten(), nn.Linear(25, 3))
     y = torch.zeros(8, dtype=torch.long)
     x = (x0 + 0.1).clamp(0, 1)
-    c, rel = point_fosc(model, x0, x, y, 0.3, fosc_box=False)
     grad, _, _ = input_gradient(model, x, y, objective("ce"))
-    torch.testing.assert_close(rel, relative_fosc(x, x0, grad, 0.3) / 2)
+    for norm, box in (("linf", False), ("linf", True), ("l2", False), ("l2", True)):
+        bounds = (0.0, 1.0) if box and norm == "linf" else None
+        c, rel = point_fosc(model, x0, x, y, 0.3, norm=norm, fosc_box=box)
+        torch.testing.assert_close(c, fosc(x, x0, grad, 0.3, norm, bounds), rtol=0, atol=0)
+        half = relative_fosc(x, x0, grad, 0.3, norm, bounds) / 2
+        torch.testing.assert_close(rel, half, rtol=0, atol=0)
     zero = nn.Sequential(nn.Flatten(), nn.Linear(25, 3))
     nn.init.zeros_(zero[1].weight)
     _, rel0 = point_fosc(zero, x0, x, y, 0.3)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from fosctrain.data import (
+    DATASET_NAMES,
+    DATASETS,
     Dataset,
     class_interleaved,
     load_cifar10,
@@ -69,6 +71,16 @@ def test_mnist5k_train_and_test_are_disjoint() -> None:
     train = {bytes(row) for row in (d.x_train.flatten(1) * 255).round().to(torch.uint8).numpy()}
     test = {bytes(row) for row in (d.x_test.flatten(1) * 255).round().to(torch.uint8).numpy()}
     assert len(train & test) <= 2
+
+
+def test_dataset_facts_match_what_loads() -> None:
+    facts, d = DATASETS["mnist5k"], load_mnist5k()
+    loaded = (len(d.y_train), len(d.y_test), d.input_shape, d.num_classes)
+    assert loaded == (facts.train, facts.test, facts.shape, facts.classes)
+    assert DATASET_NAMES == tuple(DATASETS) == ("mnist5k", "mnist", "cifar10")
+    assert [name for name, f in DATASETS.items() if f.needs_data_dir] == ["cifar10"]
+    with pytest.raises(UserError, match="needs a data directory"):
+        load_dataset("cifar10")
 
 
 def test_load_dataset_by_name() -> None:

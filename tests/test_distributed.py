@@ -213,13 +213,14 @@ def test_uneven_shards_average_to_the_global_mean_loss():
         assert total / world == pytest.approx(losses.mean().item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("attack", [PGD(eps=0.3, steps=1), PGDL2(eps=1.0, steps=1)])
+@pytest.mark.parametrize(  # a negligible step: x_adv is the projected random start
+    "attack", [PGD(eps=0.3, alpha=1e-9, steps=1), PGDL2(eps=1.0, alpha=1e-9, steps=1)]
+)
 def test_sharded_random_starts_are_the_global_draw(linear_model, attack):
     """Each rank's random starts are its rows of the single-process draw, and the generator
     ends where one process leaves it (L-inf and L2 starts)."""
     x = torch.rand(9, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     y = torch.zeros(9, dtype=torch.long)
-    attack.alpha = 1e-9  # a negligible step: x_adv is the projected random start
     whole_gen = torch.Generator().manual_seed(7)
     whole = attack(linear_model, x, y, generator=whole_gen).x_adv
     parts = []

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fosctrain.attacks import PGD
-from fosctrain.attacks.engine import run_attack
+from fosctrain.attacks.engine import AttackSpec, run_attack
 from fosctrain.errors import UserError
 from fosctrain.evaluate import (
     EvalReport,
@@ -250,7 +250,7 @@ def test_point_fosc_matches_the_engine_at_start_and_end():
 def test_point_fosc_paper_form_matches_run_attack():
     x, y = linear_data()
     model = Linear2(0)
-    res = run_attack(model, x, y, eps=0.05, alpha=0.01, steps=3, final_fosc=True)
+    res = run_attack(model, x, y, AttackSpec(eps=0.05, alpha=0.01, steps=3, final_fosc=True))
     f, rel = point_fosc(model, x, res.x_adv, y, 0.05, fosc_box=False)
     torch.testing.assert_close(f, res.fosc)
     assert bool((rel <= 1 + 1e-6).all())

@@ -1,11 +1,13 @@
 """Each fact the code relies on is stated once: the method names, the norms, the pixel box, the
-default step sizes, the positive-number check, the device picker, the config hash, the metrics
-reader; and no library function looks like a test."""
+default step sizes, the evaluation's budgets, the dataset facts, the positive-number check, the
+device picker, the config hash, the metrics reader; and no library function looks like a test."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -109,3 +111,48 @@ def test_a_run_recorded_before_the_strong_test_attack_keeps_its_hash():
     recorded = {k: v for k, v in before.to_dict().items() if k not in added}  # its config.json
     assert config.Config.stored(recorded).hash() == before.hash()
     assert config.Config(**recorded).hash() != before.hash()  # today's defaults differ
+
+
+HOMES = {
+    "PGD_STEPS": "evaluate.py",
+    "CW_STEPS": "evaluate.py",
+    "CHECK_N": "masking.py",
+    "DATASETS": "data.py",
+    "DATASET_NAMES": "data.py",
+    "ATTACKS": "attacks/registry.py",
+    "FGSM_RS_ALPHA": "attacks/fgsm.py",
+}
+
+
+def test_each_of_these_facts_is_assigned_in_its_home_module_only():
+    found: dict[str, list[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            else:
+                continue
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name) and name.id in HOMES:
+                        found.setdefault(name.id, []).append(str(path.relative_to(SRC)))
+    assert found == {name: [home] for name, home in HOMES.items()}
+
+
+def test_the_evaluation_budgets_come_from_evaluate():
+    from fosctrain import estimate, evaluate, masking, reproduce
+    from fosctrain.commands import eval as eval_command
+
+    assert (evaluate.PGD_STEPS, evaluate.CW_STEPS, masking.CHECK_N) == (20, 30, 256)
+    defaults = inspect.signature(evaluate.evaluate).parameters
+    assert defaults["pgd_steps"].default == evaluate.PGD_STEPS
+    assert defaults["cw_steps"].default == evaluate.CW_STEPS
+    assert defaults["check_n"].default == masking.CHECK_N
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    args = parser.parse_args(["RUN"])
+    assert (args.pgd_steps, args.cw_steps) == (evaluate.PGD_STEPS, evaluate.CW_STEPS)
+    assert (reproduce.PGD_STEPS, reproduce.CW_STEPS) == (evaluate.PGD_STEPS, evaluate.CW_STEPS)
+    assert (estimate.EVAL_GRADS, estimate.CHECK_GRADS) == (54, 110)  # the estimates did not move

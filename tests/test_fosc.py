@@ -4,8 +4,10 @@ fosc_stats."""
 
 from __future__ import annotations
 
+import ast
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fosctrain.attacks import AttackSpec, run_attack
+from fosctrain.config import Config, validate
 from fosctrain.errors import UserError
-from fosctrain.fosc import fosc, fosc_stats
+from fosctrain.fosc import box_exact, fosc, fosc_half_range, fosc_stats, point_fosc
 from fosctrain.losses import cross_entropy, input_gradient
 
 # ----------------------------------------------------------------------------- references
@@ -302,6 +306,57 @@ def test_unknown_norm_and_l2_box_raise():
         fosc(x, x, x, 0.1, "l1")
     with pytest.raises(UserError, match="linf"):
         fosc(x, x, x, 0.1, "l2", (0.0, 1.0))
+
+
+def test_box_exact_fosc_is_linf_only_raised_or_downgraded_by_one_rule():
+    assert box_exact("linf", True) is True and box_exact("linf", False) is False
+    assert box_exact("l2", False) is False and box_exact("l2", True, downgrade=True) is False
+    with pytest.raises(UserError, match=r"box-exact FOSC \(--fosc-box\) .* linf, not l2"):
+        box_exact("l2", True)
+    with pytest.raises(UserError, match="unknown norm"):
+        box_exact("l1", True)
+    # where it raised it raises: the FOSC math, the engine, the configuration
+    x = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4, dtype=torch.long)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(9, 3))
+    box = (0.0, 1.0)
+    for refused in (
+        lambda: fosc(x, x, x, 0.1, "l2", box),
+        lambda: fosc_half_range(x, x, 0.1, "l2", box),
+        lambda: run_attack(model, x, y, AttackSpec(1.0, 0.1, 1, norm="l2", fosc_box=True)),
+        lambda: validate(Config(norm="l2", eps=2.0, fosc_box=True)),
+    ):
+        with pytest.raises(UserError, match="box-exact.*--fosc-box"):
+            refused()
+    # where it downgraded it downgrades: the evaluation's FOSC of a point
+    downgraded = point_fosc(model, x, x.flip(0), y, 1.0, norm="l2", fosc_box=True)
+    ball = point_fosc(model, x, x.flip(0), y, 1.0, norm="l2", fosc_box=False)
+    for a, b in zip(downgraded, ball, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_nothing_but_box_exact_restates_the_box_rule():
+    """No test outside box_exact compares a norm with "linf" next to a box flag."""
+    src = Path(__file__).resolve().parents[1] / "src" / "fosctrain"
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        skip = {
+            id(n)
+            for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef) and f.name == "box_exact"
+            for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            if id(node) in skip or not isinstance(node, ast.BoolOp | ast.If | ast.IfExp):
+                continue
+            test = node if isinstance(node, ast.BoolOp) else node.test
+            parts = list(ast.walk(test))
+            names = {getattr(n, "id", None) or getattr(n, "attr", "") for n in parts}
+            linf = any(isinstance(n, ast.Constant) and n.value == "linf" for n in parts)
+            if linf and any("box" in (name or "") for name in names):
+                found.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert found == []
 
 
 # ---------------------------------------------------------------------------- fosc_stats

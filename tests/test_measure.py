@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fosctrain.attacks.engine import run_attack
+from fosctrain.attacks.engine import AttackSpec, run_attack
 from fosctrain.errors import UserError
 from fosctrain.fosc import fosc_stats
 from fosctrain.losses import cross_entropy
@@ -43,11 +43,7 @@ def test_fosc_rows_equal_the_engine_trace(setup, fosc_box):
         model,
         x,
         y,
-        eps=eps,
-        alpha=alpha,
-        steps=steps,
-        final_fosc=True,
-        fosc_box=fosc_box,
+        AttackSpec(eps=eps, alpha=alpha, steps=steps, final_fosc=True, fosc_box=fosc_box),
         generator=torch.Generator().manual_seed(5),
     )
     assert result.step == list(range(steps + 1))

@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from fosctrain import methods as methods_mod
 from fosctrain import run as run_mod
 from fosctrain import train as train_mod
-from fosctrain.attacks import PGDL2
+from fosctrain.attacks import ATTACKS, PGD, PGDL2
 from fosctrain.checkpoint import load_latest_valid
 from fosctrain.commands.train import report
 from fosctrain.config import resolve
@@ -203,19 +202,13 @@ def test_reporting_step_is_stated_and_eval_alpha_changes_it(tmp_path, monkeypatc
     assert "on the 48 test examples (PGD-20 (eps 0.3, step 0.0375 = 2.5 eps/20" in line
 
     alphas = []
-    real = methods_mod.pgd_class
 
-    def recording(norm):
-        cls = real(norm)
+    class Recorded(PGD):
+        def __call__(self, *a, **k):
+            alphas.append(self.step_size)
+            return super().__call__(*a, **k)
 
-        class Recorded(cls):
-            def __call__(self, *a, **k):
-                alphas.append(self.step_size)
-                return super().__call__(*a, **k)
-
-        return Recorded
-
-    monkeypatch.setattr(methods_mod, "pgd_class", recording)
+    monkeypatch.setitem(ATTACKS, "pgd", Recorded)  # what create_attack("pgd") builds
     summary = train_mod.train(small(method="natural", eval_alpha=0.075), tmp_path / "b")
     assert alphas and set(alphas) == {0.075}
     assert summary["test"]["step_size"] == 0.075

@@ -16,6 +16,7 @@ from typing import Any
 
 from scipy import stats
 
+from fosctrain.evaluate import PGD_STEPS
 from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
 
@@ -25,9 +26,9 @@ ACCURACIES = ("clean", "apgd", "worst", "pgd", "cw", "fgsm")
 # other attacks' per-example results restricted to those digits, so the columns share them
 AA_ACCURACIES = ("aa_clean", "autoattack", "aa_worst", "aa_apgd", "aa_pgd")
 VALIDATION = ("val_clean", "val_pgd")  # the last epoch's, on the validation slice: for choosing
-LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": "PGD-20", "cw": "C&W-inf",
+LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": f"PGD-{PGD_STEPS}", "cw": "C&W-inf",
           "apgd": "APGD-CE+T", "worst": "worst case", "aa_clean": "clean",
-          "aa_pgd": "PGD-20", "aa_apgd": "APGD-CE+T", "autoattack": "AutoAttack",
+          "aa_pgd": f"PGD-{PGD_STEPS}", "aa_apgd": "APGD-CE+T", "autoattack": "AutoAttack",
           "aa_worst": "worst case", "val_clean": "val clean", "val_pgd": "val robust",
           "grad_evals": "grad evals", "train_time_s": "train s",
           "eval_time_s": "eval s"}  # fmt: skip

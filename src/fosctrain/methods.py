@@ -40,14 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fosctrain.attacks import (
+    FGSM_RS_ALPHA,
     PGD,
-    PGDL2,
     AttackResult,
     BatchQuantile,
     FoscThreshold,
     MisclassifiedTau,
     Sampler,
     StoppingRule,
+    create_attack,
 )
 from fosctrain.attacks.engine import attack_mode, random_start
 from fosctrain.errors import UserError, check_choice, check_positive
@@ -73,11 +74,6 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return add
-
-
-def pgd_class(norm: str) -> type[PGD]:
-    """The PGD of a threat model: L-inf (the default) or L2."""
-    return PGDL2 if norm == "l2" else PGD
 
 
 @dataclass(frozen=True)
@@ -195,7 +191,7 @@ class Method:
             random_start=c.random_start,
             fosc_box=c.fosc_box,
         )
-        return pgd_class(c.norm)(**{**options, **overrides})
+        return create_attack("pgd", norm=c.norm, **{**options, **overrides})
 
     def make_batch(
         self,
@@ -597,7 +593,7 @@ class FastAT(Method):
 
     def attack(self, t: float) -> PGD:
         c = self.config
-        alpha = 1.25 * c.eps if c.fast_alpha is None else c.fast_alpha
+        alpha = FGSM_RS_ALPHA * c.eps if c.fast_alpha is None else c.fast_alpha
         return self.pgd(alpha=alpha, steps=1, random_start=True)
 
 

@@ -39,6 +39,7 @@ import torch
 
 from fosctrain.config import Config, resolve
 from fosctrain.errors import UserError
+from fosctrain.evaluate import CW_STEPS, PGD_STEPS
 from fosctrain.experiments import (
     Experiment,
     Scale,
@@ -52,7 +53,6 @@ from fosctrain.files import atomic_write_json
 MANIFEST = "experiment.json"
 EVAL_DIR, AUTOATTACK_DIR, MEASURE_DIR = "eval", "eval-autoattack", "measure"
 EVAL_SEED = 0
-PGD_STEPS, CW_STEPS = 20, 30  # the evaluation's attacks (fosc eval's defaults)
 
 
 @dataclass(frozen=True)

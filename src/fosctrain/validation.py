@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain import autoattack as aa
+from fosctrain.attacks import create_attack
 from fosctrain.distributed import Dist
 from fosctrain.errors import UserError
 
@@ -80,10 +81,12 @@ def final_words(config) -> str:
 
 
 def _pgd_mask(model: nn.Module, x: Tensor, y: Tensor, config, gen, sampler) -> Tensor:
-    from fosctrain.methods import pgd_class  # lazy: methods imports config, which imports us
-
-    pgd = pgd_class(config.norm)(
-        eps=config.eps, alpha=config.eval_step_size, steps=config.eval_steps
+    pgd = create_attack(
+        "pgd",
+        norm=config.norm,
+        eps=config.eps,
+        alpha=config.eval_step_size,
+        steps=config.eval_steps,
     )
     x_adv = pgd(model, x, y, generator=gen, start=sampler).x_adv
     with torch.no_grad():

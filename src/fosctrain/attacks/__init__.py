@@ -1,49 +1,37 @@
-"""Attacks with per-sample FOSC monitoring: one class each, called as attack(model, x, y)."""
+"""Attacks with per-sample FOSC monitoring: one class each, called as attack(model, x, y), and
+built by name with create_attack (fosctrain.attacks.registry)."""
 
 from __future__ import annotations
 
 from fosctrain.attacks.cw import CWInf
 from fosctrain.attacks.engine import (
     AttackResult,
+    AttackSpec,
     Observer,
     Sampler,
     attack_mode,
     random_start,
     run_attack,
 )
-from fosctrain.attacks.fgsm import FGSM, FGSMRS
+from fosctrain.attacks.fgsm import FGSM, FGSM_RS_ALPHA, FGSMRS
 from fosctrain.attacks.pgd import PGD, PGDL2
+from fosctrain.attacks.registry import ATTACKS, attack_class, create_attack, register
 from fosctrain.attacks.stopping import (
     BatchQuantile,
     FoscThreshold,
     MisclassifiedTau,
     StoppingRule,
 )
-from fosctrain.errors import UserError
-
-ATTACKS: dict[str, type[PGD]] = {
-    "fgsm": FGSM,
-    "fgsm-rs": FGSMRS,
-    "pgd": PGD,
-    "pgd-l2": PGDL2,
-    "cw": CWInf,
-}
-
-
-def create_attack(name: str, **options) -> PGD:
-    """An attack by registry name with its options (eps, alpha, steps, ...)."""
-    if name not in ATTACKS:
-        raise UserError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
-    return ATTACKS[name](**options)
-
 
 __all__ = [
     "ATTACKS",
     "AttackResult",
+    "AttackSpec",
     "BatchQuantile",
     "CWInf",
     "FGSM",
     "FGSMRS",
+    "FGSM_RS_ALPHA",
     "FoscThreshold",
     "MisclassifiedTau",
     "Observer",
@@ -51,8 +39,10 @@ __all__ = [
     "PGDL2",
     "Sampler",
     "StoppingRule",
+    "attack_class",
     "attack_mode",
     "create_attack",
     "random_start",
+    "register",
     "run_attack",
 ]

@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fosctrain.attacks.pgd import PGD
+from fosctrain.attacks.registry import register
 
 
+@register("cw")
 @dataclass
 class CWInf(PGD):
     steps: int = 30

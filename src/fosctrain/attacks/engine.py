@@ -24,9 +24,54 @@ from torch import Tensor, nn
 
 from fosctrain.attacks.stopping import StoppingRule
 from fosctrain.errors import UserError, check_positive
-from fosctrain.fosc import fosc, fosc_stats, relative_fosc
+from fosctrain.fosc import box_exact, fosc, relative_fosc
 from fosctrain.losses import input_gradient, objective
 from fosctrain.threat import BOUNDS, check_norm
+
+
+@dataclass
+class AttackSpec:
+    """What one run of the engine does. Every attack class (fosctrain.attacks.pgd) is one, with
+    its defaults, its norm and its step-size rule, and passes itself to the engine.
+
+    eps, alpha, steps: the budget, the step size and the number of projected steps (alpha None:
+    the attack class's rule, `default_alpha`), in the `norm` ball ("linf" or "l2") intersected
+    with the pixel box `bounds`. loss: the attack objective's name (fosctrain.losses),
+    maximized, or with `targeted` minimized towards the labels given. random_start: start from
+    a point the sampler draws (else from x0). stop: the stopping rule, consulted from step
+    `min_steps` on (the official DAT code always takes the first step: min_steps=1). fosc_box:
+    the exact box-aware FOSC (L-inf only, see fosctrain.fosc.box_exact). fosc_from_start: FOSC
+    around the random start, the official code's quirk, instead of around x0. fosc_relative:
+    every FOSC the engine reports (to the rule, the observer, the trace and the result) is
+    fosctrain.fosc.relative_fosc. final_fosc: one more gradient pass measures FOSC at the
+    returned points. compact: stopped samples leave the batch (the cost falls, the result does
+    not change). eval_mode: attack the model in eval mode (its mode is restored afterwards).
+    """
+
+    eps: float
+    alpha: float | None
+    steps: int
+    random_start: bool = True
+    loss: str = "ce"
+    targeted: bool = False
+    stop: StoppingRule | None = None
+    min_steps: int = 0
+    fosc_box: bool = False
+    fosc_from_start: bool = False
+    fosc_relative: bool = False
+    final_fosc: bool = False
+    compact: bool = True
+    norm: str = "linf"
+    bounds: tuple[float, float] = BOUNDS
+    eval_mode: bool = True
+
+    def default_alpha(self) -> float:
+        """The step size when alpha is None: each attack class states its rule."""
+        raise UserError("give alpha: a plain AttackSpec has no step-size rule")
+
+    @property
+    def step_size(self) -> float:
+        return self.default_alpha() if self.alpha is None else self.alpha
 
 
 @dataclass
@@ -49,15 +94,6 @@ class AttackResult:
     stopped: Tensor
     grad_evals: int
     x_start: Tensor
-
-    def summary(self) -> dict[str, float]:
-        stats = fosc_stats(self.fosc)
-        return {
-            **{f"fosc_{k}": v for k, v in stats.items()},
-            "steps_mean": self.steps.double().mean().item(),
-            "stopped_frac": self.stopped.double().mean().item(),
-            "grad_evals": float(self.grad_evals),
-        }
 
 
 @contextlib.contextmanager
@@ -155,51 +191,35 @@ def run_attack(
     model: nn.Module,
     x0: Tensor,
     y: Tensor,
+    spec: AttackSpec,
     *,
-    eps: float,
-    alpha: float,
-    steps: int,
-    norm: str = "linf",
-    loss: str = "ce",
-    targeted: bool = False,
-    random_init: bool = True,
-    stop: StoppingRule | None = None,
-    min_steps: int = 0,
-    bounds: tuple[float, float] = BOUNDS,
-    fosc_box: bool = False,
-    fosc_from_start: bool = False,
-    fosc_relative: bool = False,
-    final_fosc: bool = False,
-    compact: bool = True,
-    eval_mode: bool = True,
     generator: torch.Generator | None = None,
     start: Sampler = random_start,
     observer: Observer | None = None,
 ) -> AttackResult:
-    """Run `steps` projected ascent steps from x0 or, with `random_init`, from the point the
-    `start` sampler draws from `generator` (projected onto the threat set).
+    """Run `spec.steps` projected ascent steps from x0 or, with `spec.random_start`, from the
+    point the `start` sampler draws from `generator` (projected onto the threat set).
 
     The loop is Algorithm 1's inner loop: the active set (samples still running) is evaluated
-    once per step; the stopping rule, consulted from step `min_steps` on (the official DAT code
-    always takes the first step: min_steps=1), moves some of it to the stopped set, which keeps
-    its points; the rest take a step. `fosc_from_start` measures FOSC around the random start,
-    the official code's quirk, instead of around x0. `fosc_box` uses the exact box-aware FOSC.
-    `fosc_relative` makes every FOSC the engine reports (to the rule, the observer, the trace
-    and the result) the scale-free fosctrain.fosc.relative_fosc.
-    `y` holds the target labels when `targeted`. `observer` sees every evaluation.
+    once per step; the stopping rule, consulted from step `min_steps` on, moves some of it to
+    the stopped set, which keeps its points; the rest take a step. `y` holds the target labels
+    when `spec.targeted`. `observer` sees every evaluation.
     """
-    eps, alpha, steps = validate(eps, alpha, steps)
-    check_norm(norm)
-    if fosc_box and norm != "linf":
-        raise UserError("box-exact FOSC is only defined for norm='linf'")
-    f_obj = objective(loss, targeted)
+    eps, alpha, steps = validate(spec.eps, spec.step_size, spec.steps)
+    norm, bounds = check_norm(spec.norm), spec.bounds
+    fbounds = bounds if box_exact(norm, spec.fosc_box) else None
+    f_obj = objective(spec.loss, spec.targeted)
+    # the loop's settings as locals, read at every step
+    stop, min_steps, targeted = spec.stop, spec.min_steps, spec.targeted
+    compact, final_fosc = spec.compact, spec.final_fosc
     x0 = x0.detach()
     n = x0.shape[0]
     device = x0.device
-    x_start = project(start(x0, eps, norm, generator), x0, eps, norm, bounds) if random_init else x0
-    center = x_start if fosc_from_start else x0
-    fbounds = bounds if fosc_box else None
-    measure = relative_fosc if fosc_relative else fosc
+    x_start = x0
+    if spec.random_start:
+        x_start = project(start(x0, eps, norm, generator), x0, eps, norm, bounds)
+    center = x_start if spec.fosc_from_start else x0
+    measure = relative_fosc if spec.fosc_relative else fosc
     x = x_start.clone()  # every sample's point; written when it leaves the active set
     trace = torch.full((steps + int(final_fosc), n), float("nan"), device=device)
     last_fosc = torch.full((n,), float("nan"), device=device)
@@ -237,7 +257,7 @@ def run_attack(
             observer(k, active, logits, values, f)
         return grad, logits, f
 
-    with attack_mode(model, eval_mode):
+    with attack_mode(model, spec.eval_mode):
         for k in range(steps):
             grad, logits, f = evaluate(k)
             if stop is not None and k >= min_steps:

@@ -5,19 +5,23 @@ random start in the eps ball, projected back onto the ball."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fosctrain.attacks.pgd import PGD
+from fosctrain.attacks.registry import register
 from fosctrain.errors import UserError
 
 FGSM_RS_ALPHA = 1.25
 
 
+@register("fgsm")
 @dataclass
 class FGSM(PGD):
     """One step of size eps (or alpha) from the clean point; more steps would be BIM/PGD."""
 
     steps: int = 1
     random_start: bool = False
+    alpha_rule: ClassVar[str] = "eps"
 
     def __post_init__(self) -> None:
         if self.steps != 1:
@@ -26,17 +30,17 @@ class FGSM(PGD):
                 "(for more steps use pgd)"
             )
 
-    @property
-    def step_size(self) -> float:
-        return self.eps if self.alpha is None else self.alpha
+    def default_alpha(self) -> float:
+        return self.eps
 
 
+@register("fgsm-rs")
 @dataclass
 class FGSMRS(FGSM):
     """FGSM with a random start: alpha defaults to 1.25 eps."""
 
     random_start: bool = True
+    alpha_rule: ClassVar[str] = f"{FGSM_RS_ALPHA:g} eps"
 
-    @property
-    def step_size(self) -> float:
-        return FGSM_RS_ALPHA * self.eps if self.alpha is None else self.alpha
+    def default_alpha(self) -> float:
+        return FGSM_RS_ALPHA * self.eps

@@ -26,8 +26,10 @@ from fosctrain.device import select_device
 from fosctrain.errors import UserError, check_positive
 from fosctrain.evaluate import (
     ATTACK_NAMES,
+    CW_STEPS,
     L2_ATTACKS,
     LINF_ATTACKS,
+    PGD_STEPS,
     evaluate,
     format_table,
     known_stages,
@@ -62,8 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"attacks to run, from {' '.join(LINF_ATTACKS)}, or none "
         f"(default: {' '.join(ATTACK_NAMES)}; L2 runs: pgd)",
     )
-    parser.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
-    parser.add_argument("--cw-steps", type=int, default=30, help="C&W-inf steps (default 30)")
+    parser.add_argument(
+        "--pgd-steps", type=int, default=PGD_STEPS, help=f"PGD steps (default {PGD_STEPS})"
+    )
+    parser.add_argument(
+        "--cw-steps", type=int, default=CW_STEPS, help=f"C&W-inf steps (default {CW_STEPS})"
+    )
     parser.add_argument("--restarts", type=int, default=1, help="PGD random restarts")
     parser.add_argument("--alpha", type=float, help="PGD/C&W step size (default 2.5 * eps / steps)")
     parser.add_argument("--n", type=int, default=1000, help="test examples (default 1000)")
