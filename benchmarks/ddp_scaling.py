@@ -37,7 +37,7 @@ def run(flags: list[str], runs_dir: Path, name: str, common: list[str]) -> tuple
 
 
 def model_floats(model: str) -> int:
-    from fosctrain.runs import build_model
+    from fosctrain.rundir import build_model
 
     m = build_model({"model": model, "num_classes": 10, "model_kwargs": {}})
     return sum(p.numel() for p in m.parameters())

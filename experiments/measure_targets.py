@@ -16,7 +16,7 @@ import torch
 
 from fosctrain import autoattack as aa
 from fosctrain.data import hold_out_validation, load_dataset
-from fosctrain.runs import load_model
+from fosctrain.rundir import load_model
 
 TARGETS = (1, 3, 9)
 

@@ -30,7 +30,7 @@ from fosctrain import autoattack as aa
 from fosctrain.attacks import PGD
 from fosctrain.data import hold_out_validation, load_dataset
 from fosctrain.report import bits_mask
-from fosctrain.runs import load_model
+from fosctrain.rundir import load_model
 
 CANDIDATES = ("pgd-20", "apgd-ce-10", "apgd-ce-20", "apgd-ce-50")
 COLUMNS = ("run", "candidate", "n", "acc", "seconds", "grad_evals")

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fosctrain import run as run_mod
 from fosctrain import train as train_mod
+from fosctrain import trainer as trainer_mod
 from fosctrain.attacks import PGD, PGDL2, BatchQuantile, FoscThreshold
 from fosctrain.cli import main
 from fosctrain.config import Config, resolve
@@ -26,7 +26,7 @@ from fosctrain.fosc import fosc, fosc_half_range, point_fosc, relative_fosc
 from fosctrain.losses import OBJECTIVES, cross_entropy, input_gradient, objective
 from fosctrain.methods import DAT, create_method
 from fosctrain.models import create_model
-from fosctrain.runs import build_model
+from fosctrain.rundir import build_model
 from fosctrain.schedules import decay, fosc_target
 
 SMALL = dict(
@@ -268,7 +268,7 @@ def test_initial_calibration_of_the_default_run_is_pinned():
     again when the splits became class-interleaved: the sample holds other digits since)."""
     config = Config()
     assert config.c_max_calibration == "initial" and config.c_max_quantile == 0.5
-    data = run_mod.load_data(config)
+    data = trainer_mod.load_data(config)
     torch.manual_seed(config.seed)
     model = build_model(config.to_dict())
     n = len(data.y_train)
@@ -420,8 +420,8 @@ def test_first_batches_is_refused_data_parallel():
     cfg = small(method="dat", c_max_calibration="first-batches")
     dist = SimpleNamespace(enabled=True, world=2, device=torch.device("cpu"))
     with pytest.raises(UserError, match="one process only"):
-        run_mod.check_world(cfg, dist, 96)
-    run_mod.check_world(small(method="dat"), dist, 96)  # initial: fine
+        trainer_mod.check_world(cfg, dist, 96)
+    trainer_mod.check_world(small(method="dat"), dist, 96)  # initial: fine
 
 
 def test_point_fosc_is_half_the_relative_fosc_and_nan_at_zero_gradient():

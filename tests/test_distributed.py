@@ -19,15 +19,15 @@ import torch
 from safetensors.torch import load_file
 
 from fosctrain import cli
-from fosctrain import run as run_mod
 from fosctrain import train as train_mod
+from fosctrain import trainer as trainer_mod
 from fosctrain.attacks import PGD, PGDL2
 from fosctrain.checkpoint import load_checkpoint
 from fosctrain.commands import train as train_cmd
 from fosctrain.config import resolve
 from fosctrain.distributed import Dist, free_port
 from fosctrain.errors import UserError
-from fosctrain.runs import LOCK_NAME
+from fosctrain.rundir import LOCK_NAME
 from fosctrain.validation import val_accuracy
 
 # Global batch 64, two batches per epoch; each of 2 ranks takes 32 rows of every batch. SGD,
@@ -236,11 +236,11 @@ def test_sharded_random_starts_are_the_global_draw(linear_model, attack):
 
 def test_world_size_limits_are_user_errors():
     cfg = resolve(overrides={**RUN, "batch_size": 50})  # 128 = 2 x 50 + 28
-    run_mod.check_world(cfg, Dist(world=28), 128)
+    trainer_mod.check_world(cfg, Dist(world=28), 128)
     with pytest.raises(UserError, match="at least 29 rows"):
-        run_mod.check_world(cfg, Dist(world=29), 128)
+        trainer_mod.check_world(cfg, Dist(world=29), 128)
     with pytest.raises(UserError, match="sync-bn needs CUDA"):
-        run_mod.check_world(resolve(overrides={"sync_bn": True}), Dist(world=2), 128)
+        trainer_mod.check_world(resolve(overrides={"sync_bn": True}), Dist(world=2), 128)
 
 
 def _final(tmp_path, name, **kw):

@@ -28,8 +28,8 @@ import safetensors.torch
 import torch
 
 from fosctrain import cli
-from fosctrain import run as run_mod
 from fosctrain import train as train_mod
+from fosctrain import trainer as trainer_mod
 from fosctrain.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -134,7 +134,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 def _config_hash(run_dir: Path) -> str:
-    return run_mod.stored_config(run_dir).hash()
+    return trainer_mod.stored_config(run_dir).hash()
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import torch
 
 from fosctrain import config as config_mod
 from fosctrain import methods
-from fosctrain import run as run_mod
 from fosctrain import train as train_mod
+from fosctrain import trainer as trainer_mod
 from fosctrain.cli import main
 from fosctrain.config import Config, resolve
 from fosctrain.data import load_mnist5k
@@ -277,7 +277,7 @@ def test_dat_check_world_refuses_first_batches_in_more_than_one_process():
     with pytest.raises(UserError, match="one process only"):
         DAT.check_world(first, Dist(world=2))
     with pytest.raises(UserError, match="one process only"):
-        run_mod.check_world(first, Dist(world=2), 128)  # the run asks every method
+        trainer_mod.check_world(first, Dist(world=2), 128)  # the run asks every method
     DAT.check_world(first, Dist())  # one process: fine
     DAT.check_world(Config(c_max_calibration="initial"), Dist(world=2))
     for method in set(METHODS.values()) - {DAT}:
@@ -301,7 +301,7 @@ OWN_OPTIONS = frozenset(
         "fast_alpha",
     }
 )  # fmt: skip
-METHOD_BLIND = ["train.py", "config.py", "run.py", "experiments.py", "commands/*.py"]
+METHOD_BLIND = ["train.py", "config.py", "trainer.py", "experiments.py", "commands/*.py"]
 
 
 def _asks_which_method(tree: ast.AST) -> list[tuple[int, str]]:

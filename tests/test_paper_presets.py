@@ -15,8 +15,8 @@ from fosctrain.config import Config, resolve
 from fosctrain.data import random_rotate_shift_flip, rotate_shift
 from fosctrain.errors import UserError
 from fosctrain.models import create_model
-from fosctrain.run import create_optimizer, decayed_weights
 from fosctrain.train import set_lr
+from fosctrain.trainer import create_optimizer, decayed_weights
 
 ndimage = pytest.importorskip("scipy.ndimage")
 

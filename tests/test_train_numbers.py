@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
-from fosctrain import run as run_mod
 from fosctrain import train as train_mod
+from fosctrain import trainer as trainer_mod
 from fosctrain.attacks import ATTACKS, PGD, PGDL2
 from fosctrain.checkpoint import load_latest_valid
 from fosctrain.commands.train import report
@@ -130,12 +130,12 @@ def test_validation_slice_is_stratified_disjoint_and_fixed():
 
 def test_run_trains_on_nothing_it_validates_on():
     config = small(train_n=0, val_n=200)
-    data = run_mod.load_data(config)
+    data = trainer_mod.load_data(config)
     assert len(data.y_train) == 3800 and len(data.y_val) == 200
     train_rows = {bytes(r.numpy()) for r in data.x_train.flatten(1)}
     assert not any(bytes(r.numpy()) in train_rows for r in data.x_val.flatten(1))
     assert torch.bincount(data.y_val, minlength=10).tolist() == [20] * 10
-    other_seed = run_mod.load_data(small(train_n=0, val_n=200, seed=7))
+    other_seed = trainer_mod.load_data(small(train_n=0, val_n=200, seed=7))
     assert torch.equal(other_seed.x_val, data.x_val)
 
 

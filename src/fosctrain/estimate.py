@@ -30,7 +30,7 @@ from fosctrain.data import DATASETS
 from fosctrain.evaluate import CW_STEPS, PGD_STEPS
 from fosctrain.masking import CHECK_N
 from fosctrain.methods import create_method
-from fosctrain.runs import build_model
+from fosctrain.rundir import build_model
 
 AUTOATTACK_GRADS = 3500
 # clean and FGSM, PGD with FOSC measured at its start and end, C&W: 54 for PGD-20 and C&W-30

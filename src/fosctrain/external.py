@@ -16,7 +16,7 @@ from torch import nn
 
 from fosctrain.checkpoint import TENSOR_SUFFIX, file_sha256, one_line
 from fosctrain.errors import UserError
-from fosctrain.runs import LoadedModel
+from fosctrain.rundir import LoadedModel
 from fosctrain.weights import fit_weights, load_weights
 
 META_KEYS = ("factory", "weights", "weights_sha256")  # where an external model's numbers come from

@@ -256,7 +256,7 @@ def evaluate_run(run_dir: Path, n: int, *, autoattack: bool, checks: bool, out: 
     taking APGD-CE's and APGD-T's results from the main report instead of running them again
     (`fosc eval --after`), then FAB-T and Square on what they leave."""
     from fosctrain.evaluate import ATTACK_NAMES, evaluate, known_stages, write_report
-    from fosctrain.runs import load_model
+    from fosctrain.rundir import load_model
 
     loaded = load_model(run_dir, which="last")
     x, y = _test_split(loaded.config, n)
@@ -288,7 +288,7 @@ def evaluate_run(run_dir: Path, n: int, *, autoattack: bool, checks: bool, out: 
 def measure_run(run_dir: Path, n: int, steps: int) -> None:
     """FOSC against PGD steps on n test examples (as `fosc measure RUN`)."""
     from fosctrain.measure import measure_convergence, write_measure
-    from fosctrain.runs import load_model
+    from fosctrain.rundir import load_model
 
     loaded = load_model(run_dir, which="last")
     x, y = _test_split(loaded.config, n)

@@ -1,7 +1,7 @@
 """The one training loop. A method (fosctrain.methods) builds each training batch and its
 loss; this loop shuffles, steps the optimizer, evaluates and logs, the same way for every
 method. The run around it (directory, lock, resume, checkpoints, signals, summary) is
-fosctrain.run's.
+fosctrain.trainer's.
 
     fit:          calibrate the method, then per epoch run_epoch and finish_epoch, then summarize
     run_epoch:    shuffle, then train_batch on each batch (checkpointing on request)
@@ -40,7 +40,8 @@ from fosctrain.errors import UserError
 from fosctrain.fosc import fosc_stats
 from fosctrain.logs import write_metrics
 from fosctrain.methods import Step
-from fosctrain.run import (
+from fosctrain.schedules import lr_factor
+from fosctrain.trainer import (
     Interrupted,
     Trainer,
     build_trainer,
@@ -48,7 +49,6 @@ from fosctrain.run import (
     save,
     write_summary,
 )
-from fosctrain.schedules import lr_factor
 from fosctrain.validation import final_accuracy, require_backend, val_accuracy
 
 CALIBRATION_SAMPLES = 512

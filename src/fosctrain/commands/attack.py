@@ -10,7 +10,7 @@ from fosctrain.attacks import ATTACKS, FoscThreshold, create_attack
 from fosctrain.data import DATASET_NAMES, fixed_subset, load_dataset
 from fosctrain.fosc import fosc_stats
 from fosctrain.models import create_model
-from fosctrain.runs import load_model
+from fosctrain.rundir import load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

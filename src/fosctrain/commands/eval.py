@@ -36,7 +36,7 @@ from fosctrain.evaluate import (
     write_report,
 )
 from fosctrain.external import META_KEYS, load_external_model
-from fosctrain.runs import LoadedModel, load_model, read_config, resolve_checkpoint
+from fosctrain.rundir import LoadedModel, load_model, read_config, resolve_checkpoint
 
 REQUIRED_CONFIG = ("model",)
 RESUME_DIR = ".resume"  # AutoAttack's progress, per batch, until eval.json is written

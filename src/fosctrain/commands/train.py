@@ -113,7 +113,7 @@ def run_dir_for(args: argparse.Namespace, config: Config) -> Path:
 
 def resume_config(args: argparse.Namespace) -> Config:
     """On --resume the run's own config, with any options given checked against it later."""
-    from fosctrain.run import stored_config
+    from fosctrain.trainer import stored_config
 
     stored = stored_config(Path(args.resume))
     given = overrides(args)

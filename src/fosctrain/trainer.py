@@ -1,7 +1,7 @@
-"""A training run's life around the loop (fosctrain.train): its directory, lock, checkpointed
+"""The Trainer: a training run's life around the loop (fosctrain.train): its directory, lock,
 state, signals and summary.
 
-A run starts in `build_trainer`: rank 0 takes the run's lock (fosctrain.runs.RunLock) and
+A run starts in `build_trainer`: rank 0 takes the run's lock (fosctrain.rundir.RunLock) and
 prepares its directory (never overwriting a run silently; on resume, only with the run's own
 configuration), every rank builds the same data, model, optimizer and method, and a resumed
 run restores its last valid checkpoint. Every random draw of a run comes from one seeded
@@ -37,7 +37,7 @@ from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
 from fosctrain.logs import TensorBoard
 from fosctrain.methods import METHODS, Method, create_method
-from fosctrain.runs import LOCK_NAME, RunLock, build_model
+from fosctrain.rundir import LOCK_NAME, RunLock, build_model
 from fosctrain.validation import final_words, val_words
 
 
