@@ -156,3 +156,27 @@ def test_the_evaluation_budgets_come_from_evaluate():
     assert (args.pgd_steps, args.cw_steps) == (evaluate.PGD_STEPS, evaluate.CW_STEPS)
     assert (reproduce.PGD_STEPS, reproduce.CW_STEPS) == (evaluate.PGD_STEPS, evaluate.CW_STEPS)
     assert (estimate.EVAL_GRADS, estimate.CHECK_GRADS) == (54, 110)  # the estimates did not move
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_the_library_never_imports_its_cli():
+    """Imports go one way: commands/ and cli.py sit on top of the library, never under it."""
+    offenders = {}
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        if rel == "cli.py" or rel.startswith("commands/") or rel == "__main__.py":
+            continue
+        bad = {m for m in _imported_modules(ast.parse(path.read_text())) if "commands" in m}
+        if bad:
+            offenders[rel] = sorted(bad)
+    assert not offenders, offenders

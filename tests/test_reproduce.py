@@ -21,11 +21,12 @@ from fosctrain import data
 from fosctrain.aggregate import mean_interval, t_quantile, welch_p
 from fosctrain.cli import main
 from fosctrain.commands import eval as eval_command
+from fosctrain.commands.reproduce import commands
 from fosctrain.config import resolve
 from fosctrain.errors import UserError
 from fosctrain.experiments import EXPERIMENTS, SCALES, get_experiment, overrides
 from fosctrain.methods import create_method
-from fosctrain.reproduce import commands, make_plan, run_plan, status
+from fosctrain.reproduce import make_plan, run_plan, status
 
 SMOKE = SCALES["smoke"]
 TRAIN_N = SMOKE.base["train_n"]

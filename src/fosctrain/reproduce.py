@@ -26,7 +26,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import shlex
 import shutil
 import signal
 import threading
@@ -377,56 +376,3 @@ def run_plan(plan: Plan, jobs: int = 1, threads: int = 1, log=print) -> dict[str
             except UserError as e:
                 failures[run.name] = str(e)
     return failures
-
-
-# ---------------------------------------------------------------- command lines
-
-
-def train_argv(plan: Plan, run: Run) -> list[str]:
-    """`fosc train` arguments that train `run` into its directory (or resume it where it
-    stopped), one torch thread; none for a trained run."""
-    from fosctrain.commands.train import to_flags
-
-    if (run.dir / "summary.json").is_file():
-        return []
-    if (run.dir / "config.json").is_file():
-        return ["fosc", "train", "--resume", str(run.dir), "--no-progress"]
-    argv = ["fosc", "train", "--runs-dir", str(run.dir.parent), "--name", run.dir.name]
-    argv += ["--preset", plan.scale.preset] if plan.scale.preset else []
-    return argv + ["--no-progress", *to_flags({**run.overrides, "threads": 1})]
-
-
-def eval_argv(run: Run, n: int, autoattack: bool, checks: bool, out: str) -> list[str]:
-    """`fosc eval` arguments that write what evaluate_run writes."""
-    argv = ["fosc", "eval", str(run.dir), "--which", "last", "--n", str(n)]
-    argv += ["--seed", str(EVAL_SEED), "--pgd-steps", str(PGD_STEPS), "--cw-steps", str(CW_STEPS)]
-    after = str(run.dir / EVAL_DIR / "eval.json")
-    argv += (
-        ["--attacks", "none", "--autoattack", "standard", "--after", after] if autoattack else []
-    )
-    argv += [] if checks else ["--no-checks"]
-    return argv + ["--out", str(run.dir / out), "--overwrite", "--no-progress"]
-
-
-def measure_argv(run: Run, n: int, steps: int) -> list[str]:
-    return ["fosc", "measure", str(run.dir), "--which", "last", "--n", str(n),
-            "--steps", str(steps), "--seed", str(EVAL_SEED), "--out", str(run.dir / MEASURE_DIR),
-            "--overwrite"]  # fmt: skip
-
-
-def commands(plan: Plan) -> list[str]:
-    """One line per unfinished run: the train, eval (AutoAttack, measure) commands it still
-    needs, joined by &&."""
-    lines = []
-    for run in plan.runs:
-        spec, have = run.spec, {p for p in run.spec.outputs() if (run.dir / p).is_file()}
-        steps = [train_argv(plan, run)]
-        if f"{EVAL_DIR}/eval.json" not in have:
-            steps.append(eval_argv(run, spec.n, False, spec.checks, EVAL_DIR))
-        if spec.autoattack_n and f"{AUTOATTACK_DIR}/eval.json" not in have:
-            steps.append(eval_argv(run, spec.autoattack_n, True, False, AUTOATTACK_DIR))
-        if spec.measure_n and f"{MEASURE_DIR}/measure.csv" not in have:
-            steps.append(measure_argv(run, spec.measure_n, spec.measure_steps))
-        if any(steps):
-            lines.append(" && ".join(shlex.join(s) for s in steps if s))
-    return lines
