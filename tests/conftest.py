@@ -7,7 +7,27 @@ import pytest
 import torch
 from torch import nn
 
+from fosctrain.config import Config, resolve
+
 BATCH = 64
+
+# The one small training run the tests build on (96 digits, 2 epochs of 2 batches, 2-step
+# validation); a test states only what it changes, e.g. small_run(method="madry", steps=2).
+SMALL_RUN = dict(
+    train_n=96,
+    epochs=2,
+    batch_size=48,
+    val_n=40,
+    final_eval_n=48,
+    eval_steps=2,
+    steps=3,
+    threads=1,
+)
+
+
+def small_run(**overrides) -> Config:
+    """A resolved Config of the small run with `overrides` on top."""
+    return resolve(overrides={**SMALL_RUN, **overrides})
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import small_run
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,7 +20,7 @@ from fosctrain import train as train_mod
 from fosctrain import trainer as trainer_mod
 from fosctrain.attacks import PGD, PGDL2, BatchQuantile, FoscThreshold
 from fosctrain.cli import main
-from fosctrain.config import Config, resolve
+from fosctrain.config import Config
 from fosctrain.data import load_mnist5k
 from fosctrain.errors import UserError
 from fosctrain.fosc import fosc, fosc_half_range, point_fosc, relative_fosc
@@ -29,20 +30,7 @@ from fosctrain.models import create_model
 from fosctrain.rundir import build_model
 from fosctrain.schedules import decay, fosc_target
 
-SMALL = dict(
-    train_n=96,
-    epochs=2,
-    batch_size=48,
-    val_n=40,
-    final_eval_n=48,
-    eval_steps=2,
-    steps=3,
-    threads=1,
-)
-
-
-def small(**kw):
-    return resolve(overrides={**SMALL, **kw})
+small = small_run
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import small_run
 
 from fosctrain import train as train_mod
 from fosctrain import trainer as trainer_mod
@@ -22,21 +23,11 @@ from fosctrain.methods import create_method
 from fosctrain.models import create_model
 from fosctrain.validation import val_accuracy
 
-SMALL = dict(
-    train_n=96,
-    epochs=2,
-    batch_size=48,
-    val_n=40,
-    final_eval_n=48,
-    eval_steps=2,
-    steps=2,
-    threads=1,
-)
 ATTACKING = ("madry", "cat", "dat", "fat", "trades", "fast")
 
 
 def small(**kw):
-    return resolve(overrides={**SMALL, **kw})
+    return small_run(**{"steps": 2, **kw})
 
 
 # --------------------------------------------------------------------------- L2 end to end
