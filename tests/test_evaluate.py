@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 
 from fosctrain.attacks import PGD
@@ -21,9 +18,7 @@ from fosctrain.evaluate import (
     EvalReport,
     evaluate,
     format_table,
-    large_eps,
     point_fosc,
-    wilson_interval,
     write_report,
 )
 
@@ -117,24 +112,6 @@ def has_warning(report: EvalReport, text: str) -> bool:
 # ---------------------------------------------------------------- statistics
 
 
-def test_wilson_interval_known_values():
-    lo, hi = wilson_interval(5, 10)
-    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
-    lo, hi = wilson_interval(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = wilson_interval(10, 10)
-    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))
-
-
-@given(st.integers(1, 100_000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
-def test_wilson_interval_brackets_the_estimate(kn):
-    k, n = kn
-    lo, hi = wilson_interval(k, n)
-    assert 0.0 <= lo <= k / n <= hi <= 1.0
-    assert hi - lo <= 1.96 / math.sqrt(n) + 1e-9
-
-
 # ---------------------------------------------------------------- the checks
 
 
@@ -221,13 +198,6 @@ def test_checks_can_be_switched_off():
     report = run_eval(Landscape(bump, 0.1), x, y, eps=0.1, checks=False)
     assert report.warnings == [] and report.checks == {}
     assert report.results[0].checks == {}
-
-
-def test_large_eps_rule():
-    assert large_eps([0.3]) == 1.0
-    assert large_eps([8 / 255]) == 0.5
-    assert large_eps([0.1, 0.2]) == 0.8
-    assert large_eps([0.5], "l2") == 2.0
 
 
 # ---------------------------------------------------------------- FOSC probes
