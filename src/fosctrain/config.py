@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fosctrain.data import AUGMENTATIONS, DATASET_NAMES, DATASETS
 from fosctrain.errors import UserError, check_positive
 from fosctrain.errors import check_choice as _choice
 from fosctrain.fosc import box_exact
 from fosctrain.methods import METHODS as METHOD_CLASSES
+from fosctrain.models import list_models
 from fosctrain.threat import NORMS, eval_step_size, train_step_size, validate_eps
 from fosctrain.validation import check_test_attack, check_val_attack
 
@@ -406,8 +408,6 @@ def method_config(name: str, config: Config | None, options: dict[str, Any]) -> 
 
 def validate(c: Config) -> None:
     """Raise UserError (one line) for any value that cannot work."""
-    from fosctrain.data import AUGMENTATIONS, DATASET_NAMES, DATASETS
-    from fosctrain.models import list_models
 
     _choice("method", c.method, METHODS)
     _choice("dataset", c.dataset, tuple(DATASET_NAMES))

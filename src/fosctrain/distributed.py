@@ -221,6 +221,7 @@ class Dist:
         Buffers are not broadcast at each forward: `average_buffers` keeps them equal."""
         if not self.enabled:
             return model
+        # lazy: a single process (every run but --nproc N) never loads the DDP machinery
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         options = inspect.signature(DDP.__init__).parameters
@@ -290,6 +291,7 @@ def launch(nproc: int, argv: list[str], port: int | None = None) -> int:
             f"port {port} on this machine is in use; pick another --master-port "
             "or leave it out for a free one"
         )
+    # lazy: the launcher's modules load only when `fosc train --nproc N` launches
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch

@@ -30,6 +30,7 @@ from fosctrain.data import DATASETS
 from fosctrain.evaluate import CW_STEPS, PGD_STEPS
 from fosctrain.masking import CHECK_N
 from fosctrain.methods import create_method
+from fosctrain.reproduce import status
 from fosctrain.rundir import build_model
 
 AUTOATTACK_GRADS = 3500
@@ -80,6 +81,7 @@ class Speed:
 def measure_speed(config: Config) -> Speed:
     """Time PGD steps (what most gradient evaluations are) on the untrained model on one thread
     (a batch of 64, or 2 for a model with over 5M parameters); count FLOPs per example."""
+    # lazy: only --dry-run counts FLOPs, and the counter pulls in torch's dispatch machinery
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(config.to_dict())
@@ -114,7 +116,6 @@ def hours(seconds: float) -> str:
 
 def describe_plan(plan, jobs: int = 1) -> str:
     """The plan of a fosctrain.reproduce.Plan (runs, their state) and its time estimate."""
-    from fosctrain.reproduce import status
 
     lines = []
     exp, scale = plan.experiment, plan.scale

@@ -37,8 +37,16 @@ from typing import Any
 import torch
 
 from fosctrain.config import Config, resolve
+from fosctrain.data import fixed_subset, load_dataset
 from fosctrain.errors import UserError
-from fosctrain.evaluate import CW_STEPS, PGD_STEPS
+from fosctrain.evaluate import (
+    ATTACK_NAMES,
+    CW_STEPS,
+    PGD_STEPS,
+    evaluate,
+    known_stages,
+    write_report,
+)
 from fosctrain.experiments import (
     Experiment,
     Scale,
@@ -48,6 +56,9 @@ from fosctrain.experiments import (
     overrides,
 )
 from fosctrain.files import atomic_write_json
+from fosctrain.measure import measure_convergence, write_measure
+from fosctrain.rundir import load_model
+from fosctrain.train import train
 
 MANIFEST = "experiment.json"
 EVAL_DIR, AUTOATTACK_DIR, MEASURE_DIR = "eval", "eval-autoattack", "measure"
@@ -224,7 +235,6 @@ def reuse_runs(plan: Plan, sources: list[str | Path], log=print) -> int:
 
 def execute(config: Config, run_dir: Path, spec: EvalSpec) -> None:
     """Train (or resume, or skip if trained) one run, then whatever evaluation it lacks."""
-    from fosctrain.train import train
 
     if not (run_dir / "summary.json").is_file():
         started = (run_dir / "config.json").is_file()
@@ -240,7 +250,6 @@ def execute(config: Config, run_dir: Path, spec: EvalSpec) -> None:
 
 def _test_split(config: dict, n: int):
     """The n test examples `fosc eval --n` takes (a fixed mixed-class subset)."""
-    from fosctrain.data import fixed_subset, load_dataset
 
     data = load_dataset(config["dataset"], config.get("data_dir"))
     return fixed_subset(data.x_test, data.y_test, n)
@@ -254,8 +263,6 @@ def evaluate_run(run_dir: Path, n: int, *, autoattack: bool, checks: bool, out: 
     same examples; the AutoAttack report runs the standard suite on the first n of them,
     taking APGD-CE's and APGD-T's results from the main report instead of running them again
     (`fosc eval --after`), then FAB-T and Square on what they leave."""
-    from fosctrain.evaluate import ATTACK_NAMES, evaluate, known_stages, write_report
-    from fosctrain.rundir import load_model
 
     loaded = load_model(run_dir, which="last")
     x, y = _test_split(loaded.config, n)
@@ -286,8 +293,6 @@ def evaluate_run(run_dir: Path, n: int, *, autoattack: bool, checks: bool, out: 
 
 def measure_run(run_dir: Path, n: int, steps: int) -> None:
     """FOSC against PGD steps on n test examples (as `fosc measure RUN`)."""
-    from fosctrain.measure import measure_convergence, write_measure
-    from fosctrain.rundir import load_model
 
     loaded = load_model(run_dir, which="last")
     x, y = _test_split(loaded.config, n)

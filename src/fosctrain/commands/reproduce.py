@@ -13,9 +13,13 @@ import argparse
 import shlex
 import sys
 
+from fosctrain.aggregate import write_tables
 from fosctrain.commands.train import to_flags
+from fosctrain.errors import UserError
+from fosctrain.estimate import describe_plan
 from fosctrain.evaluate import CW_STEPS, PGD_STEPS
 from fosctrain.experiments import EXPERIMENTS, SCALES
+from fosctrain.figures import write_figures
 from fosctrain.reproduce import (
     AUTOATTACK_DIR,
     EVAL_DIR,
@@ -23,6 +27,10 @@ from fosctrain.reproduce import (
     MEASURE_DIR,
     Plan,
     Run,
+    claim_out,
+    make_plan,
+    reuse_runs,
+    run_plan,
 )
 
 DRY_RUN_DATA_DIR = "DATA_DIR"
@@ -61,11 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fosctrain.aggregate import write_tables
-    from fosctrain.errors import UserError
-    from fosctrain.estimate import describe_plan
-    from fosctrain.figures import write_figures
-    from fosctrain.reproduce import claim_out, make_plan, reuse_runs, run_plan
 
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1, got {args.jobs}")
@@ -96,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _baseline(given: str | None, plan) -> str | None:
     """--baseline, checked against the experiment's configurations; by default madry-k10."""
-    from fosctrain.errors import UserError
 
     names = plan.experiment.configs
     if given is None:

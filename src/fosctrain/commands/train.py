@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fosctrain import distributed
 from fosctrain.config import FIELDS, PRESET_DIFFERENCES, PRESETS, Config, resolve
 from fosctrain.errors import UserError, check_positive
 from fosctrain.methods import METHODS
+from fosctrain.train import Interrupted, train
+from fosctrain.trainer import stored_config
 
 
 def _optional(kind):
@@ -113,7 +116,6 @@ def run_dir_for(args: argparse.Namespace, config: Config) -> Path:
 
 def resume_config(args: argparse.Namespace) -> Config:
     """On --resume the run's own config, with any options given checked against it later."""
-    from fosctrain.trainer import stored_config
 
     stored = stored_config(Path(args.resume))
     given = overrides(args)
@@ -154,8 +156,6 @@ def worker_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fosctrain import distributed
-    from fosctrain.train import Interrupted, train
 
     if args.resume and (args.preset or args.config):
         raise UserError("--resume takes the run's own configuration; drop --preset/--config")
