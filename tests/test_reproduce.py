@@ -499,3 +499,11 @@ def test_welch_p_by_hand():
     assert p == pytest.approx(2 * (1 - _t_cdf(t, 4)), abs=1e-5)
     assert p == pytest.approx(0.0705, abs=1e-3)
     assert math.isnan(welch_p([1.0], [2.0, 3.0])) and math.isnan(welch_p([1.0, 1.0], [2.0, 2.0]))
+
+
+def test_runs_skip_their_own_closing_report(tmp_path):
+    """evaluate_run scores every run with the full suite on the same digits, so the run's own
+    closing APGD report (fosc train's default) would be done twice."""
+    plan = make_plan("frontier", "default", out=tmp_path / "f", configs=["dat-k5-quantile"])
+    assert {plan.config(run).test_attack for run in plan.runs} == {"none"}
+    assert resolve().test_attack == "apgd"  # fosc train's own default is untouched
