@@ -194,6 +194,14 @@ class Config:
         },
     )
     eval_every: int = 1
+    budget_every: int = field(
+        default=0,
+        metadata={
+            "help": "keep a checkpoint budget-N each time training has spent another multiple "
+            "of this many gradient evaluations, its training seconds in budgets.csv (time to "
+            "robustness; 0: none)"
+        },
+    )
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
@@ -258,7 +266,8 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-RUNTIME_FIELDS = frozenset({"device", "threads", "eval_every", "compile"})
+# how and where a run trains, and what it keeps on the way: never what it learns
+RUNTIME_FIELDS = frozenset({"device", "threads", "eval_every", "compile", "budget_every"})
 # options added after runs were published, at the value that trains as before they existed
 NEUTRAL: dict[str, Any] = {
     "weight_decay_on": "all",
@@ -429,6 +438,7 @@ def validate(c: Config) -> None:
     check_positive("train_n", c.train_n, integer=True, zero_ok=True)
     check_positive("final_eval_n", c.final_eval_n, integer=True, zero_ok=True)
     check_positive("seed", c.seed, integer=True, zero_ok=True)
+    check_positive("budget_every", c.budget_every, integer=True, zero_ok=True)
     for name in ("fat_tau", "fat_tau_max"):
         check_positive(name, getattr(c, name), integer=True, zero_ok=True)
     validate_eps([c.eps], c.norm)

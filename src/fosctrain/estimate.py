@@ -7,9 +7,12 @@ the --dry-run output too:
   the attack the method would run at that time (Method.attack); DAT and FAT stop examples
   early, so for them this is an upper bound (DAT took ~66% of Madry's on mnist5k).
 - Tests during training: eval_n examples x (eval_steps + 2) per epoch, final_eval_n at the end.
-- Final evaluation: ~54 per example (clean, FGSM, PGD-20, C&W-30) plus ~110 per checked
-  example (a 40-step PGD with 2 restarts, the large-eps PGD; 256 examples); AutoAttack
-  (standard) AUTOATTACK_GRADS per example (APGD-CE, APGD-T, FAB-T, Square on a robust model).
+- Final evaluation: ~54 per example (clean, FGSM, PGD-20, C&W-30), APGD_GRADS for APGD-CE +
+  APGD-T, plus ~110 per checked example (a 40-step PGD with 2 restarts, the large-eps PGD; 256
+  examples); AutoAttack (standard) AUTOATTACK_GRADS per example in all (APGD-CE, APGD-T,
+  FAB-T, Square on a robust model), of which the report's APGD is reused.
+- Budget checkpoints (time to robustness): one score of BUDGET_GRADS per example for every
+  budget the training evaluations pass, and for the last checkpoint.
 - This machine: CPU seconds per gradient evaluation of PGD steps on one thread, measured on
   a training batch of the untrained model now (CPU time, so other load does not inflate it);
   `--jobs J` divides the total by J (J free cores assumed).
@@ -39,6 +42,12 @@ EVAL_GRADS = 1 + 1 + (PGD_STEPS + 2) + CW_STEPS
 # the checks' attacks add up to 100 (PGD-40 x 2, the large-eps PGD-20); 110 is the estimate as
 # first stated, kept so that the plans' estimates do not move
 CHECK_GRADS = 110
+# APGD-CE + APGD-T (9 targets) of the final report: 796k-810k on 1,000 digits (DAT and Madry
+# PGD-10 at default scale, robust accuracy ~77%)
+APGD_GRADS = 800
+# a budget checkpoint's score: clean, PGD-20, APGD-CE and APGD-T on 3 targets (an upper bound:
+# every example robust)
+BUDGET_GRADS = 1 + (PGD_STEPS + 2) + 4 * 100
 GPU_FLOPS = 30e12  # assumed sustained FLOP/s of one A100/H100-class GPU (TF32 / bf16)
 SAMPLES_PER_EPOCH = 20  # schedule points per epoch for iteration-unit schedules
 
@@ -65,8 +74,18 @@ def training_grads(config: Config) -> float:
 
 
 def evaluation_grads(n: int, checks: bool, autoattack_n: int, measure_n: int, steps: int) -> float:
-    grads = n * EVAL_GRADS + (min(n, CHECK_N) * CHECK_GRADS if checks else 0)
-    return grads + autoattack_n * AUTOATTACK_GRADS + measure_n * (steps + 1)
+    """The final report (with APGD-CE + APGD-T), the AutoAttack (which reuses the report's
+    APGD), the FOSC measurement."""
+    grads = n * (EVAL_GRADS + APGD_GRADS) + (min(n, CHECK_N) * CHECK_GRADS if checks else 0)
+    return grads + autoattack_n * (AUTOATTACK_GRADS - APGD_GRADS) + measure_n * (steps + 1)
+
+
+def budget_grads(config: Config, n: int) -> float:
+    """Scoring the budget checkpoints and the last one (--budget-every), each on n examples."""
+    if not config.budget_every:
+        return 0.0
+    checkpoints = int(training_grads(config) // config.budget_every) + 1
+    return checkpoints * n * BUDGET_GRADS
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,7 @@ def describe_plan(plan, jobs: int = 1) -> str:
         grads = training_grads(config) + evaluation_grads(
             s.n, s.checks, s.autoattack_n, s.measure_n, s.measure_steps
         )
+        grads += budget_grads(config, s.n) if s.budgets else 0.0
         total_grads += grads
         cpu += grads * speed.cpu_s
         gpu += grads * speed.gpu_s

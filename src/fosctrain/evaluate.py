@@ -292,6 +292,7 @@ class _EpsContext:
     apgd_steps: int = aa.STEPS
     resume: Path | None = None
     known: dict[str, Tensor] | None = None
+    apgd_targets: int | None = None
 
 
 @dataclass
@@ -355,7 +356,9 @@ def _autoattack(ctx: _EpsContext, tally: _Tally, index: int, eps: float) -> dict
     version, cfg = ctx.autoattack, ctx.cfg
     label = aa.LABELS[version]
     n_classes = _n_classes(ctx.model, ctx.x)
-    suite = aa.build_suite(ctx.model, version, eps, cfg.norm, n_classes, cfg.seed, ctx.apgd_steps)
+    suite = aa.build_suite(
+        ctx.model, version, eps, cfg.norm, n_classes, cfg.seed, ctx.apgd_steps, ctx.apgd_targets
+    )
 
     def on_batch(name: str) -> None:
         ctx.bar.set_description(f"eps={eps:g} {label} {name}")
@@ -415,7 +418,9 @@ def _work_key(ctx: _EpsContext, version: str, eps: float) -> str:
     for tensor in (ctx.x, ctx.y, ctx.clean):
         h.update(tensor.contiguous().numpy().tobytes())
     cfg = ctx.cfg
-    h.update(repr((version, eps, cfg.norm, cfg.seed, cfg.batch_size, ctx.apgd_steps)).encode())
+    options = (version, eps, cfg.norm, cfg.seed, cfg.batch_size, ctx.apgd_steps)
+    options += () if ctx.apgd_targets is None else (ctx.apgd_targets,)  # earlier .resume dirs
+    h.update(repr(options).encode())
     return h.hexdigest()[:32]
 
 
@@ -579,6 +584,7 @@ def evaluate(
     seed: int = 0,
     autoattack: bool | str | None = "apgd",
     apgd_steps: int = aa.STEPS,
+    apgd_targets: int | None = None,
     source_model: nn.Module | None = None,
     checks: bool = True,
     check_n: int = CHECK_N,
@@ -592,7 +598,8 @@ def evaluate(
 
     `alpha` (absolute) overrides the default step size 2.5 * eps / steps of PGD and C&W.
     `autoattack`: the AutoAttack-strength attack, by default "apgd" (APGD-CE + APGD-T of
-    `apgd_steps` steps, reported as "apgd-ce+t"); "standard" (Croce & Hein's whole suite; True
+    `apgd_steps` steps, APGD-T on `apgd_targets` target classes, the most likely first, by
+    default all: reported as "apgd-ce+t"); "standard" (Croce & Hein's whole suite; True
     means this), "apgd-ce" (APGD-CE alone) or None.
     `source_model` adds a black-box transfer attack (PGD crafted on it). The model runs in eval
     mode with frozen parameters; both are restored afterwards. `resume`: a directory where the
@@ -617,6 +624,7 @@ def evaluate(
     if autoattack:
         aa.require_torchattacks()
         aa.check_classes(_n_classes(model, x), autoattack)
+        _check_targets(apgd_targets, autoattack, _n_classes(model, x))
     start = time.perf_counter()
     pgd_checks = checks and "pgd" in attacks
     total = _progress_total(
@@ -639,6 +647,7 @@ def evaluate(
             apgd_steps,
             resume_dir,
             known,
+            apgd_targets,
         )
         results, warnings = [], []
         for i, eps in enumerate(eps_values):
@@ -650,10 +659,23 @@ def evaluate(
             global_checks, found = _check_large_eps(ctx, eps_values)
             warnings += found
     settings = _settings(cfg, eps_values, autoattack, source_model is not None, checks, apgd_steps)
+    settings["apgd_targets"] = apgd_targets
     elapsed = time.perf_counter() - start
     return EvalReport(
         int(x.shape[0]), norm, seed, results, settings, global_checks, warnings, elapsed
     )
+
+
+def _check_targets(targets: int | None, autoattack: str, n_classes: int) -> None:
+    """APGD-T's target classes: 1 .. n_classes - 1, and only where the suite is apgd (the
+    standard suite is Croce & Hein's, with all of them)."""
+    if targets is None:
+        return
+    if autoattack != "apgd":
+        raise UserError(f"apgd_targets applies to the apgd suite only, not {autoattack}")
+    check_positive("apgd_targets", targets, integer=True)
+    if targets > n_classes - 1:
+        raise UserError(f"apgd_targets must be at most {n_classes - 1}, got {targets}")
 
 
 def _progress_total(

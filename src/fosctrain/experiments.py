@@ -49,6 +49,7 @@ class Scale:
     checks: bool = True  # the evaluation's gradient-masking checks
     autoattack_seeds: int = 1000  # AutoAttack on the seeds below this only (it is costly)
     preset: str | None = None
+    budget_every: int = 0  # gradient evaluations between budget checkpoints, where asked for
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Experiment:
     measure: bool = False  # also FOSC against PGD steps on the trained model
     seeds: int | None = None  # fewer seeds than the scale's, where one tells the story
     notes: list[str] = field(default_factory=list)
+    budgets: bool = False  # checkpoints every scale.budget_every evaluations, each scored
+    seed_major: bool = False  # run seed 0 of every configuration first (decisive pairs early)
 
 
 SMOKE_BASE = dict(
@@ -91,6 +94,7 @@ SCALES: dict[str, Scale] = {
             measure_n=8,
             measure_steps=5,
             checks=False,
+            budget_every=300,
         ),
         Scale(
             "small",
@@ -102,6 +106,7 @@ SCALES: dict[str, Scale] = {
             measure_n=500,
             measure_steps=40,
             autoattack_seeds=1,
+            budget_every=100_000,
         ),
         Scale(
             "default",
@@ -114,6 +119,7 @@ SCALES: dict[str, Scale] = {
             autoattack_n=500,
             measure_n=1000,
             measure_steps=40,
+            budget_every=200_000,
         ),
         Scale(
             "medium",
@@ -125,6 +131,21 @@ SCALES: dict[str, Scale] = {
             autoattack_n=100,
             measure_n=1000,
             measure_steps=40,
+            budget_every=500_000,
+        ),
+        Scale(
+            "full",
+            "full MNIST (59,500 training digits, 500 for validation), Madry PGD-10's 4 epochs "
+            "(the other methods as many as spend about its gradient evaluations), 3 seeds, "
+            "evaluation and the standard AutoAttack on the first 1,000 test digits "
+            "(class-interleaved), a checkpoint every 500k gradient evaluations",
+            dict(dataset="mnist", epochs=4, lr_milestones=[3], val_n=500, final_eval_n=1000),
+            seeds=3,
+            eval_n=1000,
+            autoattack_n=1000,
+            measure_n=1000,
+            measure_steps=40,
+            budget_every=500_000,
         ),
         Scale(
             "paper",
@@ -182,6 +203,20 @@ DAT_DEFAULTS = _dat(
 # the methods experiment's madry and dat are spelled as the frontier's madry-k10 and
 # dat-k5-quantile, so that `fosc reproduce methods --reuse FRONTIER_DIR` trains each once
 METHOD_CONFIGS = {"madry": _madry_k(10), "dat": DAT_DEFAULTS}
+
+# time to robustness: each method for as many epochs as spend about Madry PGD-10's gradient
+# evaluations (11 per example and epoch: 10 attack steps and the training pass): Madry PGD-5
+# 6, FAT about 85% of PGD-10's, Fast-AT 2, TRADES about 12 (its PGD-10 on the KL term, the
+# training passes on clean and adversarial examples), DAT's default at most 6 and about 46% of
+# PGD-10's on mnist5k
+EQUAL_BUDGET = {
+    "dat": {**DAT_DEFAULTS, "epochs": Of("epochs", 2)},
+    "madry-k10": _madry_k(10),
+    "madry-k5": {**_madry_k(5), "epochs": Of("epochs", 11 / 6)},
+    "fat": dict(method="fat", epochs=Of("epochs", 1.25)),
+    "fast": dict(method="fast", epochs=Of("epochs", 5.5)),
+    "trades": dict(method="trades"),
+}
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
@@ -257,6 +292,19 @@ EXPERIMENTS: dict[str, Experiment] = {
             autoattack=True,
             autoattack_configs=("madry-k10", "dat-k5-quantile"),
         ),
+        Experiment(
+            "time-to-robustness",
+            "robust accuracy (APGD-CE + APGD-T with 3 targets, on the evaluation's test digits) "
+            "of checkpoints kept at fixed gradient-evaluation budgets, against training seconds "
+            "and evaluations: DAT's default, Madry PGD-10 and PGD-5, FAT, Fast-AT and TRADES, "
+            "each trained for about Madry PGD-10's evaluations; the final models also under "
+            "the standard AutoAttack",
+            EQUAL_BUDGET,
+            figure="time-to-robustness",
+            autoattack=True,
+            budgets=True,
+            seed_major=True,
+        ),
     )
 }
 
@@ -279,7 +327,12 @@ def overrides(experiment: Experiment, scale: Scale, config_name: str) -> dict[st
     base = {**Config().to_dict(), **preset, **scale.base}
     spec = experiment.configs[config_name]
     out = dict(scale.base)
+    if isinstance(spec.get("epochs"), Of):  # first: the other fractions of epochs follow it
+        out.update(scaled_epochs(base, spec["epochs"].factor))
+        base = {**base, **out}
     for key, value in spec.items():
+        if key == "epochs" and isinstance(value, Of):
+            continue
         if isinstance(value, Of):
             value = value.factor * base[value.field]
             if key in ("t_prime", "steps", "late_steps"):
@@ -288,6 +341,14 @@ def overrides(experiment: Experiment, scale: Scale, config_name: str) -> dict[st
     if "late_steps" in spec:
         out["schedule_unit"] = "iteration"
     return out
+
+
+def scaled_epochs(base: dict[str, Any], factor: float) -> dict[str, Any]:
+    """`factor` x the base's epochs, its learning-rate drops moved with them (at the same
+    fractions of training)."""
+    epochs = max(1, round(factor * base["epochs"]))
+    drops = {max(1, round(m * epochs / base["epochs"])) for m in base["lr_milestones"]}
+    return {"epochs": epochs, "lr_milestones": sorted(drops)}
 
 
 def default_seeds(experiment: Experiment, scale: Scale) -> int:

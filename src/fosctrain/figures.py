@@ -5,6 +5,8 @@
     fosc-vs-steps       FOSC (mean, p10-p90) against PGD steps, one line per configuration
     fosc-over-training  FOSC of the training examples per epoch (madry vs dat), and bars
     bars                accuracy per configuration (clean, APGD-CE+T, PGD-20)
+    time-to-robustness  APGD-CE+T of the budget checkpoints against training seconds and
+                        against gradient evaluations (fosctrain.budgets), and bars
 
 Error bars are 95% t-intervals over seeds (none with one seed).
 """
@@ -15,6 +17,7 @@ import math
 from pathlib import Path
 
 from fosctrain.aggregate import ACCURACIES, LABELS, measure_paths
+from fosctrain.budgets import curve
 from fosctrain.errors import UserError
 from fosctrain.measure import MeasureResult
 from fosctrain.plots import add_legend, new_figure, read_metrics, save_figure, style_axes
@@ -118,11 +121,38 @@ def plot_fosc_over_training(plan: Plan, path: Path, configs=("madry", "dat")) ->
     return save_figure(fig, path)
 
 
-def write_figures(plan: Plan, summary: list[dict]) -> list[Path]:
+AXES = (("time_s", "training seconds"), ("grad_evals", "gradient evaluations"))
+
+
+def plot_time_to_robustness(budgets: list[dict], path: Path) -> Path:
+    """APGD-CE+T of the budget checkpoints against training seconds and against gradient
+    evaluations, one curve per configuration (mean and 95% t-interval band over seeds)."""
+    fig = new_figure(12, 5)
+    for ax, (x, label) in zip(fig.subplots(1, 2), AXES, strict=True):
+        for i, name in enumerate(dict.fromkeys(e["config"] for e in budgets)):
+            points = sorted(curve(budgets, name), key=lambda e: e[f"{x}_mean"])
+            xs = [e[f"{x}_mean"] for e in points]
+            ys = [100 * e["apgd_mean"] for e in points]
+            ax.plot(xs, ys, marker="o", color=f"C{i}", label=name)
+            lo = [100 * e["apgd_ci_low"] for e in points]
+            hi = [100 * e["apgd_ci_high"] for e in points]
+            if not any(math.isnan(v) for v in lo):
+                ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        style_axes(ax, f"Robust accuracy against {label}", label, "APGD-CE+T accuracy (%)")
+        add_legend(ax)
+    return save_figure(fig, path)
+
+
+def write_figures(plan: Plan, summary: list[dict], budgets: list[dict] | None = None) -> list[Path]:
     """The experiment's figures into OUT; none while no run has finished."""
     if not any(e["seeds"] for e in summary):
         return []
     out, kind = plan.out, plan.experiment.figure
+    if kind == "time-to-robustness":
+        curves = (
+            [plot_time_to_robustness(budgets, out / "time_to_robustness.png")] if budgets else []
+        )
+        return [*curves, plot_bars(summary, out / "bars.png")]
     if kind == "frontier":
         return [plot_frontier(summary, out / "frontier.png"), plot_bars(summary, out / "bars.png")]
     if kind == "fosc-vs-steps":

@@ -17,17 +17,22 @@ from fosctrain.files import atomic_write_text
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.csv and metrics.jsonl from the full history (so they always match the checkpoint
     they were written with, even after a crash and resume)."""
+    write_csv(run_dir / "metrics.csv", history)
+    lines = [json.dumps(_json_safe(row)) for row in history]
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV (atomically), the columns in order of first appearance."""
     columns: list[str] = []
-    for row in history:
+    for row in rows:
         columns += [k for k in row if k not in columns]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    for row in history:
+    for row in rows:
         writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
-    lines = [json.dumps(_json_safe(row)) for row in history]
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -3,7 +3,9 @@
 Every configuration x seed is a run directory OUT/runs/NAME-sSEED: trained by
 fosctrain.train.train, then evaluated on a fixed subset of the test split (the final report)
 into RUN/eval/, with AutoAttack into RUN/eval-autoattack/ and FOSC against PGD steps into
-RUN/measure/ where the experiment asks for them. The last checkpoint is evaluated: every run
+RUN/measure/ where the experiment asks for them; an experiment with budgets (time to
+robustness) trains with --budget-every and scores every budget checkpoint and the last one into
+RUN/eval-budgets/ (score_budgets). The last checkpoint is evaluated: every run
 gets the same number of epochs and no choice is made on the test split.
 
 A run with summary.json and every evaluation present is finished and skipped; one with a
@@ -56,13 +58,18 @@ from fosctrain.experiments import (
     overrides,
 )
 from fosctrain.files import atomic_write_json
+from fosctrain.logs import write_csv
 from fosctrain.measure import measure_convergence, write_measure
-from fosctrain.rundir import load_model
+from fosctrain.rundir import budget_name, load_model
 from fosctrain.train import train
 
 MANIFEST = "experiment.json"
 EVAL_DIR, AUTOATTACK_DIR, MEASURE_DIR = "eval", "eval-autoattack", "measure"
+BUDGET_DIR, BUDGET_SCORES = "eval-budgets", "eval-budgets/scores.csv"
 EVAL_SEED = 0
+# APGD-T's targets when scoring budget checkpoints: the 3 most likely, as `fosc train`'s final
+# report (on validation they left the accuracy of all 9 at a third of the cost)
+BUDGET_TARGETS = 3
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,13 @@ class EvalSpec:
     autoattack_n: int  # 0: no AutoAttack
     measure_n: int  # 0: no FOSC-vs-steps measurement
     measure_steps: int
+    budgets: bool = False  # score every budget checkpoint (and the last) on the n examples
 
     def outputs(self) -> list[str]:
         """The files (relative to the run) a finished run holds."""
         files = ["summary.json", f"{EVAL_DIR}/eval.json"]
         files += [f"{AUTOATTACK_DIR}/eval.json"] if self.autoattack_n else []
+        files += [BUDGET_SCORES] if self.budgets else []
         return files + ([f"{MEASURE_DIR}/measure.csv"] if self.measure_n else [])
 
 
@@ -135,19 +144,22 @@ def make_plan(
         autoattack_n=sc.autoattack_n if exp.autoattack else 0,
         measure_n=sc.measure_n if exp.measure else 0,
         measure_steps=sc.measure_steps,
+        budgets=exp.budgets,
     )
     no_autoattack = dataclasses.replace(spec, autoattack_n=0)
     runs = []
-    for config_name in configs or exp.configs:
-        for seed in range(n_seeds):
-            # the run's own closing report is skipped: evaluate_run scores it with the full
-            # suite (APGD-T on all 9 targets) on the same digits
-            values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
-            values["test_attack"] = "none"
-            run_dir = out / "runs" / f"{config_name}-s{seed}"
-            wanted = exp.autoattack_configs is None or config_name in exp.autoattack_configs
-            mine = spec if seed < sc.autoattack_seeds and wanted else no_autoattack
-            runs.append(Run(config_name, seed, values, run_dir, mine))
+    pairs = [(c, s) for c in configs or exp.configs for s in range(n_seeds)]
+    for config_name, seed in sorted(pairs, key=lambda p: p[1]) if exp.seed_major else pairs:
+        # the run's own closing report is skipped: evaluate_run scores it with the full
+        # suite (APGD-T on all 9 targets) on the same digits
+        values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
+        values["test_attack"] = "none"
+        if exp.budgets:
+            values["budget_every"] = sc.budget_every
+        run_dir = out / "runs" / f"{config_name}-s{seed}"
+        wanted = exp.autoattack_configs is None or config_name in exp.autoattack_configs
+        mine = spec if seed < sc.autoattack_seeds and wanted else no_autoattack
+        runs.append(Run(config_name, seed, values, run_dir, mine))
     plan = Plan(exp, sc, out, runs, spec)
     for run in runs:
         plan.config(run)  # a bad combination fails here, before any work
@@ -241,6 +253,8 @@ def execute(config: Config, run_dir: Path, spec: EvalSpec) -> None:
         train(config, run_dir, resume=started, overwrite=not started, progress=False)
     if not (run_dir / EVAL_DIR / "eval.json").is_file():
         evaluate_run(run_dir, spec.n, autoattack=False, checks=spec.checks, out=EVAL_DIR)
+    if spec.budgets and not (run_dir / BUDGET_SCORES).is_file():
+        score_budgets(run_dir, spec.n)
     if spec.autoattack_n and not (run_dir / AUTOATTACK_DIR / "eval.json").is_file():
         n = min(spec.autoattack_n, spec.n)
         evaluate_run(run_dir, n, autoattack=True, checks=False, out=AUTOATTACK_DIR)
@@ -264,31 +278,92 @@ def evaluate_run(run_dir: Path, n: int, *, autoattack: bool, checks: bool, out: 
     taking APGD-CE's and APGD-T's results from the main report instead of running them again
     (`fosc eval --after`), then FAB-T and Square on what they leave."""
 
-    loaded = load_model(run_dir, which="last")
-    x, y = _test_split(loaded.config, n)
     known = None
     if autoattack:
         main = json.loads((run_dir / EVAL_DIR / "eval.json").read_text())
         known = known_stages(main, n)
+    evaluate_checkpoint(
+        run_dir,
+        "last",
+        n,
+        run_dir / out,
+        attacks=() if autoattack else ATTACK_NAMES,
+        autoattack="standard" if autoattack else "apgd",
+        checks=checks,
+        known=known,
+    )
+
+
+def evaluate_checkpoint(
+    run_dir: Path, which: str, n: int, out: Path, **options: Any
+) -> dict[str, Any]:
+    """evaluate() on checkpoint `which` of a run, its first n test examples, at the run's eps
+    with the reproduce seed and budgets (`options`: evaluate's attacks, autoattack, ...),
+    resumable, written to out/eval.json and eval.csv; returns the report as JSON."""
+    loaded = load_model(run_dir, which=which)
+    x, y = _test_split(loaded.config, n)
+    options = dict(pgd_steps=PGD_STEPS, cw_steps=CW_STEPS, **options)
     report = evaluate(
         loaded.model,
         x,
         y,
         eps_list=[loaded.config["eps"]],
-        attacks=() if autoattack else ATTACK_NAMES,
-        pgd_steps=PGD_STEPS,
-        cw_steps=CW_STEPS,
         norm=loaded.config.get("norm", "linf"),
         seed=EVAL_SEED,
-        autoattack="standard" if autoattack else "apgd",
-        checks=checks,
         progress=False,
-        resume=run_dir / out / ".resume",
-        known=known,
+        resume=out / ".resume",
+        **options,
     )
     report.meta = {"checkpoint": str(loaded.source), "split": "test", "n": int(x.shape[0])}
-    write_report(report, run_dir / out, "eval")
-    shutil.rmtree(run_dir / out / ".resume", ignore_errors=True)
+    write_report(report, out, "eval")
+    shutil.rmtree(out / ".resume", ignore_errors=True)
+    return report.to_dict()
+
+
+def budget_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
+    """A trained run's budget checkpoints and its last one: name, budget, gradient evaluations,
+    training seconds and epoch of each (from summary.json)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [{"checkpoint": budget_name(b["budget"]), **b} for b in summary.get("budgets", [])]
+    last = {"budget": None, "grad_evals": summary["grad_evals"], "time_s": summary["time_s"]}
+    return [*rows, {"checkpoint": "last", **last, "epoch": summary["epochs"], "batch": None}]
+
+
+def score_budgets(run_dir: Path, n: int) -> None:
+    """Every budget checkpoint and the last one under PGD-20 and APGD-CE + APGD-T (the
+    BUDGET_TARGETS most likely targets) on the first n test examples (as `fosc eval RUN
+    --which NAME --attacks pgd --apgd-targets 3 --no-checks`), each into eval-budgets/NAME/
+    (a killed scoring resumes with the checkpoint it was on); then eval-budgets/scores.csv,
+    one row per checkpoint."""
+    rows: list[dict[str, Any]] = []
+    for entry in budget_checkpoints(run_dir):
+        out = run_dir / BUDGET_DIR / entry["checkpoint"]
+        path = out / "eval.json"
+        same = [r for r in rows if r["grad_evals"] == entry["grad_evals"]]
+        if same:  # the last checkpoint is the last budget's (training ended on that batch)
+            rows.append({**same[0], **entry})
+            continue
+        if path.is_file():
+            report = json.loads(path.read_text())
+        else:
+            report = evaluate_checkpoint(
+                run_dir, entry["checkpoint"], n, out, attacks=("pgd",), autoattack="apgd",
+                apgd_targets=BUDGET_TARGETS, checks=False,
+            )  # fmt: skip
+        rows.append({**entry, **budget_score(report)})
+    write_csv(run_dir / BUDGET_SCORES, rows)
+
+
+def budget_score(report: dict[str, Any]) -> dict[str, Any]:
+    """Clean, PGD-20, APGD-CE+T and worst-case accuracy (and n) of a budget's eval.json."""
+    first = report["results"][0]
+    return {
+        "n": report["n"],
+        "clean": first["clean"]["acc"],
+        "pgd": first["attacks"]["pgd"]["acc"],
+        "apgd": first["attacks"]["apgd-ce+t"]["acc"],
+        "worst": first["worst_case"]["acc"],
+    }
 
 
 def measure_run(run_dir: Path, n: int, steps: int) -> None:

@@ -27,6 +27,21 @@ except ImportError:  # not POSIX: runs are not locked
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".pt", ".pth")
 LOCK_NAME = ".lock"
+BUDGET_PREFIX = "budget-"  # checkpoints kept at fixed gradient-evaluation budgets
+BUDGET_LOG = "budgets.csv"  # one row per budget checkpoint: evals, training seconds, epoch
+
+
+def budget_name(evals: int) -> str:
+    """The checkpoint kept at `evals` gradient evaluations (zero-padded: names sort by budget)."""
+    return f"{BUDGET_PREFIX}{evals:09d}"
+
+
+def checkpoint_name(name: str) -> str:
+    """A run directory's checkpoint by name (argparse type of --which): best, last, budget-N."""
+    budget = name.startswith(BUDGET_PREFIX) and name[len(BUDGET_PREFIX) :].isdigit()
+    if name in ("best", "last") or budget:
+        return name
+    raise UserError(f"--which must be best, last or budget-N, got {name!r}")
 
 
 class RunLock:
@@ -93,7 +108,10 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> tuple[Path, Pat
     """(run directory, checkpoint path) for a run directory or a checkpoint file inside one."""
     path = Path(path)
     if path.is_dir():
-        for name in (which, "last", "last-prev"):
+        # best falls back to last (a run without validation), last to last-prev (a crash
+        # mid-save); a budget checkpoint is that budget's or none
+        fallbacks = () if which.startswith(BUDGET_PREFIX) else ("last", "last-prev")
+        for name in (which, *fallbacks):
             candidate = path / f"{name}.safetensors"
             if candidate.is_file():
                 return path, candidate

@@ -22,6 +22,7 @@ it; the attacks are fosctrain.validation's (val_attack, test_attack).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -32,14 +33,16 @@ from torch import Tensor
 
 from fosctrain import distributed, progress
 from fosctrain.attacks import Sampler, random_start
+from fosctrain.checkpoint import save_checkpoint
 from fosctrain.config import Config
 from fosctrain.data import AUGMENTATIONS, fixed_subset
 from fosctrain.device import select_device
 from fosctrain.distributed import SUM_KEYS
 from fosctrain.errors import UserError
 from fosctrain.fosc import fosc_stats
-from fosctrain.logs import write_metrics
+from fosctrain.logs import write_csv, write_metrics
 from fosctrain.methods import Step
+from fosctrain.rundir import BUDGET_LOG, budget_name
 from fosctrain.schedules import lr_factor
 from fosctrain.trainer import (
     Interrupted,
@@ -182,6 +185,8 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
         stats = train_batch(tr, x, y, t, epoch, n, tr.dist.random_starts(lo, hi, n))
         stats, stop = tr.dist.reduce_batch(stats, lo, hi, n, tr.stop_requested)
         clock = record_batch(tr, b, stats, clock)
+        if keep_budgets(tr, epoch, b):
+            clock = time.perf_counter()  # the checkpoint's write is not training time
         bar.set_postfix(_postfix(tr.state.partial), refresh=False)
         if stop:
             save(tr)
@@ -226,6 +231,42 @@ def record_batch(tr: Trainer, b: int, stats: dict[str, Any], clock: float) -> fl
     now = time.perf_counter()
     st.partial["time"] = st.partial.get("time", 0.0) + now - clock
     return now
+
+
+def keep_budgets(tr: Trainer, epoch: int, b: int) -> bool:
+    """--budget-every E: once the run has spent another multiple of E gradient evaluations,
+    keep the model as checkpoint budget-N (N the multiple) with the evaluations and training
+    seconds actually spent (budgets.csv), for time-to-robustness curves. Checked after each
+    batch, so a checkpoint lands within one batch's evaluations past its budget. Returns
+    whether it kept one."""
+    every, st = tr.config.budget_every, tr.state
+    if not every:
+        return False
+    kept = len(st.budgets)
+    p = st.partial
+    spent = st.grad_evals + int(p.get("attack_evals", 0) + p.get("train_evals", 0))
+    seconds = st.elapsed + p.get("time", 0.0)
+    while spent >= every * (len(st.budgets) + 1):
+        budget = every * (len(st.budgets) + 1)
+        st.budgets.append(
+            {
+                "budget": budget,
+                "grad_evals": spent,
+                "time_s": seconds,
+                "epoch": epoch + 1,
+                "batch": b + 1,
+            }  # fmt: skip
+        )
+        if tr.dist.is_main:
+            save_checkpoint(
+                tr.run_dir, budget_name(budget), model=tr.model, config_hash=tr.config.hash(),
+                state={"budget": json.dumps(st.budgets[-1])}, keep_previous=False,
+            )  # fmt: skip
+            write_csv(tr.run_dir / BUDGET_LOG, st.budgets)
+    if len(st.budgets) == kept:
+        return False
+    tr.dist.barrier()
+    return True
 
 
 def _progress_bar(tr: Trainer, epoch: int, n_batches: int):

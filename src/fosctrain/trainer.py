@@ -58,6 +58,7 @@ class RunState:
     elapsed: float = 0.0
     partial: dict[str, float] = field(default_factory=dict)
     fosc_values: list[float] = field(default_factory=list)
+    budgets: list[dict[str, Any]] = field(default_factory=list)  # budget checkpoints kept
 
 
 @dataclass
@@ -383,6 +384,7 @@ def write_summary(tr: Trainer, test: dict[str, float], n_test: int) -> dict[str,
         "grad_evals": tr.state.grad_evals,
         "attack_grad_evals": tr.state.attack_grad_evals,
         "time_s": tr.state.elapsed,
+        "budgets": tr.state.budgets,
         "validation": {
             "n": n_val,
             "split": f"validation slice of {n_val} training examples (fixed, stratified, not "

@@ -14,6 +14,7 @@ import shlex
 import sys
 
 from fosctrain.aggregate import write_tables
+from fosctrain.budgets import write_budget_tables
 from fosctrain.commands.train import to_flags
 from fosctrain.errors import UserError
 from fosctrain.estimate import describe_plan
@@ -22,6 +23,9 @@ from fosctrain.experiments import EXPERIMENTS, SCALES
 from fosctrain.figures import write_figures
 from fosctrain.reproduce import (
     AUTOATTACK_DIR,
+    BUDGET_DIR,
+    BUDGET_SCORES,
+    BUDGET_TARGETS,
     EVAL_DIR,
     EVAL_SEED,
     MEASURE_DIR,
@@ -32,6 +36,7 @@ from fosctrain.reproduce import (
     reuse_runs,
     run_plan,
 )
+from fosctrain.rundir import BUDGET_PREFIX
 
 DRY_RUN_DATA_DIR = "DATA_DIR"
 DEFAULT_BASELINE = "madry-k10"
@@ -87,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     failures = {} if args.collect else run_plan(plan, args.jobs, args.threads, log=_log)
     claim_out(plan)
     rows, summary = write_tables(plan, _baseline(args.baseline, plan))
-    figures = write_figures(plan, summary)
+    budgets = write_budget_tables(plan, summary) if plan.experiment.budgets else None
+    figures = write_figures(plan, summary, budgets)
     print((plan.out / "summary.md").read_text(), end="")
     done = sum(r["status"] == "finished" for r in rows)
     print(f"{done} of {len(rows)} runs finished; wrote results.csv, summary.csv, summary.md"
@@ -141,6 +147,19 @@ def eval_argv(run: Run, n: int, autoattack: bool, checks: bool, out: str) -> lis
     return argv + ["--out", str(run.dir / out), "--overwrite", "--no-progress"]
 
 
+def budget_lines(run: Run, n: int) -> str:
+    """A shell loop that scores each budget checkpoint and the last one as score_budgets does
+    (the next `fosc reproduce` finds the scores and writes scores.csv)."""
+    argv = ["fosc", "eval", str(run.dir), "--which", "NAME", "--n", str(n), "--seed",
+            str(EVAL_SEED), "--attacks", "pgd", "--apgd-targets", str(BUDGET_TARGETS),
+            "--no-checks", "--out", f"{run.dir / BUDGET_DIR}/NAME", "--overwrite",
+            "--no-progress"]  # fmt: skip
+    listing = f"cd {shlex.quote(str(run.dir))} && ls {BUDGET_PREFIX}*.safetensors 2>/dev/null"
+    names = f"$({listing} | sed 's/.safetensors$//') last"
+    command = shlex.join(argv).replace("NAME", '"$w"')
+    return f"for w in {names}; do {command} || exit 1; done"
+
+
 def measure_argv(run: Run, n: int, steps: int) -> list[str]:
     return ["fosc", "measure", str(run.dir), "--which", "last", "--n", str(n),
             "--steps", str(steps), "--seed", str(EVAL_SEED), "--out", str(run.dir / MEASURE_DIR),
@@ -156,10 +175,13 @@ def commands(plan: Plan) -> list[str]:
         steps = [train_argv(plan, run)]
         if f"{EVAL_DIR}/eval.json" not in have:
             steps.append(eval_argv(run, spec.n, False, spec.checks, EVAL_DIR))
+        if spec.budgets and BUDGET_SCORES not in have:
+            steps.append(budget_lines(run, spec.n))
         if spec.autoattack_n and f"{AUTOATTACK_DIR}/eval.json" not in have:
             steps.append(eval_argv(run, spec.autoattack_n, True, False, AUTOATTACK_DIR))
         if spec.measure_n and f"{MEASURE_DIR}/measure.csv" not in have:
             steps.append(measure_argv(run, spec.measure_n, spec.measure_steps))
         if any(steps):
-            lines.append(" && ".join(shlex.join(s) for s in steps if s))
+            parts = [s if isinstance(s, str) else shlex.join(s) for s in steps if s]
+            lines.append(" && ".join(f"({p})" if p.startswith("for ") else p for p in parts))
     return lines
