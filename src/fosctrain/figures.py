@@ -121,11 +121,11 @@ def plot_fosc_over_training(plan: Plan, path: Path, configs=("madry", "dat")) ->
     return save_figure(fig, path)
 
 
-AXES = (("time_s", "training seconds"), ("grad_evals", "gradient evaluations"))
+AXES = (("cpu_s", "training CPU seconds (one thread)"), ("grad_evals", "gradient evaluations"))
 
 
 def plot_time_to_robustness(budgets: list[dict], path: Path) -> Path:
-    """APGD-CE+T of the budget checkpoints against training seconds and against gradient
+    """APGD-CE+T of the budget checkpoints against training CPU seconds and against gradient
     evaluations, one curve per configuration (mean and 95% t-interval band over seeds)."""
     fig = new_figure(12, 5)
     for ax, (x, label) in zip(fig.subplots(1, 2), AXES, strict=True):

@@ -322,10 +322,10 @@ def evaluate_checkpoint(
 
 def budget_checkpoints(run_dir: Path) -> list[dict[str, Any]]:
     """A trained run's budget checkpoints and its last one: name, budget, gradient evaluations,
-    training seconds and epoch of each (from summary.json)."""
+    training wall-clock and CPU seconds, and epoch of each (from summary.json)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [{"checkpoint": budget_name(b["budget"]), **b} for b in summary.get("budgets", [])]
-    last = {"budget": None, "grad_evals": summary["grad_evals"], "time_s": summary["time_s"]}
+    last = {"budget": None, **{k: summary.get(k) for k in ("grad_evals", "time_s", "cpu_s")}}
     return [*rows, {"checkpoint": "last", **last, "epoch": summary["epochs"], "batch": None}]
 
 

@@ -178,7 +178,7 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
     order = _epoch_order(tr)
     n_batches = math.ceil(len(order) / tr.config.batch_size)
     bar = _progress_bar(tr, epoch, n_batches)
-    clock = time.perf_counter()
+    clock = _now()
     for b in bar:
         set_lr(tr, epoch, epoch * n_batches + b)
         x, y, t, (lo, hi, n) = batch_shard(tr, order, epoch, b, n_batches)
@@ -186,7 +186,7 @@ def run_epoch(tr: Trainer, epoch: int) -> None:
         stats, stop = tr.dist.reduce_batch(stats, lo, hi, n, tr.stop_requested)
         clock = record_batch(tr, b, stats, clock)
         if keep_budgets(tr, epoch, b):
-            clock = time.perf_counter()  # the checkpoint's write is not training time
+            clock = _now()  # the checkpoint's write is not training time
         bar.set_postfix(_postfix(tr.state.partial), refresh=False)
         if stop:
             save(tr)
@@ -221,24 +221,34 @@ def batch_shard(
     return x[lo:hi].to(tr.device), y[lo:hi].to(tr.device), t, (lo, hi, len(idx))
 
 
-def record_batch(tr: Trainer, b: int, stats: dict[str, Any], clock: float) -> float:
-    """Add a batch's (all-rank) statistics and time to the epoch's; returns the new clock."""
+def _now() -> tuple[float, float]:
+    """Wall-clock and this process's CPU seconds (the second is what a shared machine's other
+    load inflates least)."""
+    return time.perf_counter(), time.process_time()
+
+
+def record_batch(
+    tr: Trainer, b: int, stats: dict[str, Any], clock: tuple[float, float]
+) -> tuple[float, float]:
+    """Add a batch's (all-rank) statistics, wall-clock and CPU seconds to the epoch's; returns
+    the new clock."""
     st = tr.state
     for k in SUM_KEYS:
         st.partial[k] = st.partial.get(k, 0) + stats.get(k, 0)
     st.fosc_values += stats.get("fosc", [])
     st.batch = b + 1
-    now = time.perf_counter()
-    st.partial["time"] = st.partial.get("time", 0.0) + now - clock
+    now = _now()
+    st.partial["time"] = st.partial.get("time", 0.0) + now[0] - clock[0]
+    st.partial["cpu"] = st.partial.get("cpu", 0.0) + now[1] - clock[1]
     return now
 
 
 def keep_budgets(tr: Trainer, epoch: int, b: int) -> bool:
     """--budget-every E: once the run has spent another multiple of E gradient evaluations,
-    keep the model as checkpoint budget-N (N the multiple) with the evaluations and training
-    seconds actually spent (budgets.csv), for time-to-robustness curves. Checked after each
-    batch, so a checkpoint lands within one batch's evaluations past its budget. Returns
-    whether it kept one."""
+    keep the model as checkpoint budget-N (N the multiple) with the evaluations, training
+    seconds and training CPU seconds actually spent (budgets.csv), for time-to-robustness
+    curves. Checked after each batch, so a checkpoint lands within one batch's evaluations
+    past its budget. Returns whether it kept one."""
     every, st = tr.config.budget_every, tr.state
     if not every:
         return False
@@ -246,6 +256,7 @@ def keep_budgets(tr: Trainer, epoch: int, b: int) -> bool:
     p = st.partial
     spent = st.grad_evals + int(p.get("attack_evals", 0) + p.get("train_evals", 0))
     seconds = st.elapsed + p.get("time", 0.0)
+    cpu = st.cpu_elapsed + p.get("cpu", 0.0)
     while spent >= every * (len(st.budgets) + 1):
         budget = every * (len(st.budgets) + 1)
         st.budgets.append(
@@ -253,6 +264,7 @@ def keep_budgets(tr: Trainer, epoch: int, b: int) -> bool:
                 "budget": budget,
                 "grad_evals": spent,
                 "time_s": seconds,
+                "cpu_s": cpu,
                 "epoch": epoch + 1,
                 "batch": b + 1,
             }  # fmt: skip
@@ -300,6 +312,7 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
     st.attack_grad_evals += int(p.get("attack_evals", 0))
     st.grad_evals += int(p.get("attack_evals", 0) + p.get("train_evals", 0))
     st.elapsed += p.get("time", 0.0)
+    st.cpu_elapsed += p.get("cpu", 0.0)
     fosc = fosc_stats(torch.tensor(st.fosc_values, dtype=torch.float64))
     attacked = bool(st.fosc_values)
     row = {

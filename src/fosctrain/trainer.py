@@ -56,6 +56,7 @@ class RunState:
     grad_evals: int = 0
     attack_grad_evals: int = 0
     elapsed: float = 0.0
+    cpu_elapsed: float = 0.0  # this process's CPU seconds of training (rank 0's)
     partial: dict[str, float] = field(default_factory=dict)
     fosc_values: list[float] = field(default_factory=list)
     budgets: list[dict[str, Any]] = field(default_factory=list)  # budget checkpoints kept
@@ -384,6 +385,7 @@ def write_summary(tr: Trainer, test: dict[str, float], n_test: int) -> dict[str,
         "grad_evals": tr.state.grad_evals,
         "attack_grad_evals": tr.state.attack_grad_evals,
         "time_s": tr.state.elapsed,
+        "cpu_s": tr.state.cpu_elapsed,
         "budgets": tr.state.budgets,
         "validation": {
             "n": n_val,
