@@ -102,3 +102,57 @@ def test_bad_new_options_are_user_errors(bad):
 def test_fosc_box_with_l2_is_refused():
     with pytest.raises(UserError, match="fosc-box"):
         resolve(overrides={"norm": "l2", "eps": 2.0, "fosc_box": True})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; choose one of sgd, adam"),
+        ({"norm": "l1"}, "unknown norm 'l1'; choose one of linf, l2"),
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"threads": 0}, "threads must be an integer >= 1, got 0"),
+        ({"momentum": -0.1}, "momentum must be a finite number >= 0, got -0.1"),
+        ({"eps": 1.5}, "eps must be in (0, 1] for L-inf on [0, 1] pixels, got 1.5"),
+        (
+            {"lr_milestones": "20,40"},
+            "lr_milestones must be a list of positive epochs, got '20,40'",
+        ),
+        (
+            {"lr_milestones": [10, -1]},
+            "lr_milestones must be a list of positive epochs, got [10, -1]",
+        ),
+        ({"model_kwargs": [1]}, "model_kwargs must be a table/dict, got [1]"),
+        ({"dataset": "cifar10"}, "dataset cifar10 needs --data-dir (nothing is downloaded)"),
+    ],
+    ids=[
+        "optimizer",
+        "norm",
+        "batch_size",
+        "threads",
+        "momentum",
+        "eps",
+        "lr_milestones-str",
+        "lr_milestones-negative",
+        "model_kwargs",
+        "data_dir",
+    ],
+)
+def test_validation_names_the_bad_value_in_one_line(overrides, message):
+    with pytest.raises(UserError) as info:
+        resolve(overrides=overrides)
+    assert str(info.value) == message
+
+
+def test_unknown_options_and_presets_name_where_they_came_from(tmp_path):
+    with pytest.raises(UserError) as info:
+        resolve(overrides={"lrr": 1, "bogus": 2})
+    assert str(info.value) == "command line: unknown option(s) bogus, lrr"
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nepochs = 3\nwidth = 2\n")
+    with pytest.raises(UserError) as info:
+        resolve(toml_path=str(toml))
+    assert str(info.value) == f"{toml}: unknown option(s) width"
+    with pytest.raises(UserError, match=r"^unknown preset 'mnist'; choose one of \['cifar10-cnn"):
+        resolve("mnist")
+    with pytest.raises(UserError, match=r"none\.toml: cannot read config file"):
+        resolve(toml_path=str(tmp_path / "none.toml"))

@@ -94,6 +94,45 @@ def test_misclassified_tau_targeted_counts_hitting_the_target():
 # --------------------------------------------------------------------------- batch quantile
 
 
+def test_batch_quantile_fixes_its_target_at_the_first_check():
+    """q = 0.3 of (0.5, 0.1, 0.4, 0.2, 0.3): sorted, position 0.3 * 4 = 1.2 lies between 0.2
+    and 0.3, so the target is 0.2 + 0.2 * 0.1 = 0.22; later checks (on the survivors only)
+    compare with it, and a reset (a new batch) draws a new one."""
+    rule = BatchQuantile(0.3)
+    rule.reset(5, torch.device("cpu"))
+    assert rule.threshold is None
+    y, logits = torch.zeros(5, dtype=torch.long), torch.zeros(5, 3)
+    fosc = torch.tensor([0.5, 0.1, 0.4, 0.2, 0.3])
+    first = rule(1, torch.arange(5), fosc, logits, y, False)
+    assert rule.threshold == pytest.approx(0.22)
+    assert first.tolist() == [False, True, False, True, False]
+    idx = torch.tensor([0, 2, 4])  # the survivors, one step later
+    later = rule(2, idx, torch.tensor([0.21, 0.23, 0.05]), logits[idx], y[idx], False)
+    assert later.tolist() == [True, False, True]  # against 0.22, not their own quantile
+    assert rule.threshold == pytest.approx(0.22)
+    rule.reset(5, torch.device("cpu"))
+    assert rule.threshold is None
+    again = rule(1, torch.arange(5), fosc * 10, logits, y, False)
+    assert rule.threshold == pytest.approx(2.2) and again.tolist() == first.tolist()
+
+
+@pytest.mark.parametrize(
+    ("q", "threshold", "stops"),
+    [
+        (0.0, 0.0, [False, False, False, False]),  # target 0, not the minimum 0.1
+        (0.5, 0.25, [False, True, True, False]),  # halfway between 0.2 and 0.3
+        (1.0, 0.4, [True, True, True, True]),
+    ],
+)
+def test_batch_quantile_target_by_hand(q, threshold, stops):
+    rule = BatchQuantile(q)
+    rule.reset(4, torch.device("cpu"))
+    fosc = torch.tensor([0.4, 0.1, 0.2, 0.3])
+    got = rule(0, torch.arange(4), fosc, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), False)
+    assert rule.threshold == pytest.approx(threshold)
+    assert got.tolist() == stops
+
+
 @pytest.mark.parametrize(("q", "min_steps"), [(0.3, 0), (0.6, 1), (0.5, 2)])
 def test_batch_quantile_rule_is_the_same_compacted_or_not(q, min_steps, digits):
     x, y = digits
