@@ -1,6 +1,7 @@
 """Attacks (fosctrain.attacks): agreement with torchattacks, compaction that changes the cost
-but never the result, projection and trace invariants, model-state hygiene, stopping rules,
-the official code's quirks as options, and option validation."""
+but never the result, projection and trace invariants, model-state hygiene, stopping rules in
+the engine (the rules themselves: test_stopping.py), the official code's quirks as options, and
+option validation."""
 
 from __future__ import annotations
 
@@ -506,79 +507,6 @@ def test_linear_loss_reaches_the_vertex_where_box_fosc_is_zero():
 
 
 # --------------------------------------------------------------------------- stopping rules
-
-
-def test_fosc_threshold_semantics():
-    rule = FoscThreshold(0.5)
-    rule.reset(4, torch.device("cpu"))
-    f = torch.tensor([0.4, 0.5, 0.500001, float("nan")])
-    idx = torch.arange(4)
-    logits = torch.zeros(4, 3)
-    out = rule(0, idx, f, logits, torch.zeros(4, dtype=torch.long), False)
-    assert out.tolist() == [True, True, False, False]
-    edge = torch.tensor([0.0, -1e-9, 1e-9, 2.0])
-    assert FoscThreshold(0.0)(0, idx, edge, logits, idx, False).tolist() == [
-        True,
-        True,
-        False,
-        False,
-    ]
-
-
-# Rows: calls (PGD steps); columns: samples; 1 = misclassified at that evaluation.
-FOOLED = [
-    [1, 0, 0, 0],
-    [1, 1, 0, 0],
-    [1, 0, 0, 1],
-    [1, 1, 0, 1],
-    [1, 0, 0, 1],
-    [1, 1, 0, 1],
-]
-
-
-def _drive(rule, fooled, targeted=False):
-    """Feed the rule the running samples only, as the engine does; return stop step each."""
-    n = len(fooled[0])
-    rule.reset(n, torch.device("cpu"))
-    running = torch.ones(n, dtype=torch.bool)
-    stop_at = [None] * n
-    y = torch.zeros(n, dtype=torch.long)  # true class (or target when targeted) 0
-    for step, row in enumerate(fooled):
-        idx = running.nonzero().squeeze(1)
-        wrong = torch.tensor(row, dtype=torch.bool)[idx]
-        if targeted:
-            wrong = ~wrong  # predicting class 0 = the target = success
-        logits = torch.stack([(~wrong).float(), wrong.float()], 1)  # argmax 0 iff correct
-        if targeted:
-            logits = logits.flip(1)
-        halt = rule(step, idx, torch.zeros(idx.numel()), logits, y[idx], targeted)
-        for i in idx[halt].tolist():
-            stop_at[i] = step
-        running[idx[halt]] = False
-    return stop_at
-
-
-def test_misclassified_tau_zero_stops_at_first_misclassified():
-    assert _drive(MisclassifiedTau(0), FOOLED) == [0, 1, None, 2]
-
-
-def test_misclassified_tau_two_needs_two_more_misclassified_evaluations():
-    # Sample 0: fooled at 0, 1, 2 -> stops at 2; sample 1: fooled at 1, 3, 5 -> 5;
-    # sample 3: fooled at 2, 3, 4 -> 4.
-    assert _drive(MisclassifiedTau(2), FOOLED) == [2, 5, None, 4]
-    assert _drive(MisclassifiedTau(1), FOOLED) == [1, 3, None, 3]
-
-
-def test_misclassified_tau_targeted_counts_hitting_the_target():
-    rule = MisclassifiedTau(0)
-    rule.reset(2, torch.device("cpu"))
-    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
-    target = torch.tensor([1, 1])
-    assert rule(0, torch.arange(2), torch.zeros(2), logits, target, True).tolist() == [True, False]
-    assert rule(0, torch.arange(2), torch.zeros(2), logits, target, False).tolist() == [
-        False,
-        True,
-    ]
 
 
 def test_min_steps_one_skips_the_rule_at_step_zero(shared_cnn, data):

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import assert_one_line_error, assert_same_run, run_cli, truncate_half
 from torch import nn
 
 from fosctrain import checkpoint as ck
@@ -24,7 +27,6 @@ from fosctrain.checkpoint import (
     restore,
     save_checkpoint,
 )
-from fosctrain.config import config_hash
 from fosctrain.errors import UserError
 from fosctrain.weights import load_weights
 
@@ -196,13 +198,6 @@ def test_files_are_safetensors_and_json_never_pickle(tmp_path):
     assert meta["fosctrain_version"] and meta["created"]
 
 
-def test_config_hash_is_canonical():
-    a = config_hash({"lr": 0.1, "model": {"depth": 2, "width": 3}})
-    b = config_hash({"model": {"width": 3, "depth": 2}, "lr": 0.1})
-    assert a == b and len(a) == 16
-    assert config_hash({"lr": 0.2}) != config_hash({"lr": 0.1})
-
-
 # --------------------------------------------------------------------------- damage
 
 
@@ -282,6 +277,44 @@ def test_restore_into_wrong_model_is_a_checkpoint_error(tmp_path):
     save(tmp_path)
     with pytest.raises(CheckpointError, match="does not fit the model"):
         restore(load_checkpoint(tmp_path, "last"), nn.Linear(3, 3))
+
+
+# ---------------------------------- a real run's damaged checkpoints, through `fosc train --resume`
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+@pytest.mark.parametrize(
+    "damage",
+    [truncate_half, lambda path: flip_byte(path, path.stat().st_size // 2)],
+    ids=["truncated", "flipped-byte"],
+)
+def test_damaged_last_falls_back_to_prev_with_a_warning(baseline, finished, capsys, damage):
+    damage(finished / "last.safetensors")
+    rc, _, err = run_cli(capsys, ["train", "--resume", finished, "--no-progress"])
+    assert rc == 0, err
+    assert "fosc: warning: skipped checkpoint 'last'" in err
+    assert "Traceback" not in err
+    # last-prev is the state one batch before the end: replaying it gives the same run.
+    assert_same_run(baseline, finished)
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_damaged_last_and_prev_is_one_clear_line(finished, capsys):
+    truncate_half(finished / "last.safetensors")
+    (finished / "last-prev.json").write_text("{ not json")
+    rc, _, err = run_cli(capsys, ["train", "--resume", finished, "--no-progress"])
+    assert_one_line_error(rc, err, "no valid checkpoint", "last-prev")
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_checkpoint_of_another_config_is_refused_not_fallen_back_from(finished, capsys):
+    config = json.loads((finished / "config.json").read_text())
+    config["lr"] = 0.02
+    # The checkpoints now claim the old configuration, config.json the new one.
+    (finished / "config.json").write_text(json.dumps(config))
+    rc, _, err = run_cli(capsys, ["train", "--resume", finished, "--no-progress"])
+    assert_one_line_error(rc, err, "different configuration", "last.safetensors")
+    assert "warning" not in err
 
 
 # --------------------------------------------------------------------------- rotation
@@ -426,3 +459,33 @@ def test_an_array_in_the_state_is_refused_by_name(tmp_path):
     model, optimizer = setup()
     with pytest.raises(TypeError, match="ndarray at 'state/weights'"):
         save_checkpoint(tmp_path, "last", model=model, state={"weights": np.zeros(3)})
+
+
+class _Evil:
+    """Unpickling this creates `marker` (a stand-in for any code an attacker would run)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_malicious_pickle_is_refused_and_never_runs(finished, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    zipped = finished / "evil.pt"  # torch.save's zip format
+    torch.save({"0.weight": torch.zeros(1), "x": _Evil(marker)}, zipped)
+    legacy = finished / "legacy.pth"  # a bare pickle stream
+    legacy.write_bytes(pickle.dumps({"state_dict": _Evil(marker)}))
+    assert not marker.exists()
+    for path in (zipped, legacy):
+        with pytest.raises(CheckpointError, match=path.name) as info:
+            load_weights(path)
+        assert "\n" not in str(info.value)
+        assert not marker.exists()
+    rc, _, err = run_cli(capsys, ["eval", zipped, "--n", "8", "--no-progress", "--no-checks"])
+    assert_one_line_error(rc, err, "evil.pt")
+    rc, _, err = run_cli(capsys, ["attack", legacy, "--n", "8", "--steps", "1"])
+    assert_one_line_error(rc, err, "legacy.pth")
+    assert not marker.exists()

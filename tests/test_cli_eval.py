@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    FAST_EVAL,
+    assert_one_line_error,
+    one_error_line,
+    run_cli,
+    truncate_half,
+)
 
 from fosctrain.checkpoint import save_checkpoint
 from fosctrain.cli import main
@@ -16,7 +23,6 @@ from fosctrain.files import atomic_write_json
 from fosctrain.models import create_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["--n", "16", "--pgd-steps", "2", "--cw-steps", "2", "--no-progress"]
 
 
 def config(**over) -> dict:
@@ -78,20 +84,11 @@ def assert_png(path: Path) -> None:
     assert width >= 400 and height >= 200 and len(data) > 5_000
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fosc: error: ")
-    assert "Traceback" not in err
-    return lines[0]
-
-
 # ---------------------------------------------------------------- eval
 
 
 def test_eval_writes_report_and_never_overwrites(run_dir, capsys):
-    assert main(["eval", str(run_dir), *FAST, "--eps", "0.1", "0.3"]) == 0
+    assert main(["eval", str(run_dir), *FAST_EVAL, "--eps", "0.1", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "worst_case" in out and "95% CI" in out
     report = json.loads((run_dir / "eval" / "eval.json").read_text())
@@ -114,14 +111,14 @@ def test_eval_writes_report_and_never_overwrites(run_dir, capsys):
     assert len(lines) == 1 + 2 * 8
     assert not (run_dir / "eval" / ".resume").exists()  # removed once eval.json is written
 
-    assert main(["eval", str(run_dir), *FAST, "--attacks", "pgd", "--no-checks"]) == 0
+    assert main(["eval", str(run_dir), *FAST_EVAL, "--attacks", "pgd", "--no-checks"]) == 0
     second = json.loads((run_dir / "eval" / "eval-2.json").read_text())
     assert second["settings"]["eps_list"] == [0.3] and second["settings"]["attacks"] == ["pgd"]
     assert (run_dir / "eval" / "eval-2.csv").is_file()
     assert json.loads((run_dir / "eval" / "eval.json").read_text()) == report
 
     out_dir = run_dir.parent / "elsewhere"
-    args = ["eval", str(run_dir / "last.safetensors"), *FAST, "--attacks", "fgsm"]
+    args = ["eval", str(run_dir / "last.safetensors"), *FAST_EVAL, "--attacks", "fgsm"]
     assert main([*args, "--no-checks", "--out", str(out_dir)]) == 0
     assert main([*args, "--no-checks", "--out", str(out_dir), "--overwrite"]) == 0
     assert sorted(p.name for p in out_dir.iterdir()) == ["eval.csv", "eval.json"]
@@ -129,7 +126,7 @@ def test_eval_writes_report_and_never_overwrites(run_dir, capsys):
 
 def test_eval_transfer_from_a_source_run(tmp_path, capsys):
     target, source = make_run(tmp_path, "target"), make_run(tmp_path, "source")
-    args = ["eval", str(target), *FAST, "--attacks", "pgd", "--no-checks"]
+    args = ["eval", str(target), *FAST_EVAL, "--attacks", "pgd", "--no-checks"]
     assert main([*args, "--source", str(source)]) == 0
     report = json.loads((target / "eval" / "eval.json").read_text())
     assert "transfer" in report["results"][0]["attacks"]
@@ -171,10 +168,18 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
     run = tmp_path / "empty-run"
     run.mkdir()
     atomic_write_json(run / "config.json", config())
-    assert main(["eval", str(run), *FAST]) == 2
+    assert main(["eval", str(run), *FAST_EVAL]) == 2
     assert "no checkpoint" in one_error_line(capsys)
     assert main(["measure", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in one_error_line(capsys)
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_eval_on_a_truncated_checkpoint_is_one_line(finished, capsys):
+    truncate_half(finished / "best.safetensors")
+    rc, _, err = run_cli(capsys, ["eval", finished, "--n", "8", "--no-progress", "--no-checks"])
+    assert_one_line_error(rc, err, "best.safetensors")
+    assert not (finished / "eval").exists()
 
 
 @pytest.mark.parametrize("verb", ["eval", "measure"])
@@ -190,13 +195,13 @@ def test_truncated_checkpoint_is_one_line(run_dir, capsys, verb):
 def test_corrupt_plain_weights_file_is_one_line(run_dir, capsys):
     bad = run_dir / "weights.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    assert main(["eval", str(bad), *FAST]) == 2
+    assert main(["eval", str(bad), *FAST_EVAL]) == 2
     assert "weights.safetensors" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("eps", ["0", "-0.1", "1.5", "nan", "inf", "abc"])
 def test_bad_eps_is_one_line(run_dir, capsys, eps):
-    assert main(["eval", str(run_dir), *FAST, "--eps", eps]) == 2
+    assert main(["eval", str(run_dir), *FAST_EVAL, "--eps", eps]) == 2
     assert "eps" in one_error_line(capsys)
     assert main(["measure", str(run_dir), "--n", "4", "--eps", eps]) == 2
     assert "eps" in one_error_line(capsys)
@@ -214,17 +219,17 @@ def test_bad_eps_is_one_line(run_dir, capsys, eps):
     ],
 )
 def test_bad_eval_options_are_one_line(run_dir, capsys, args, match):
-    assert main(["eval", str(run_dir), *FAST, *args]) == 2
+    assert main(["eval", str(run_dir), *FAST_EVAL, *args]) == 2
     assert match in one_error_line(capsys)
 
 
 def test_bad_config_is_one_line(tmp_path, capsys):
     run = make_run(tmp_path, "r")
     (run / "config.json").write_text(json.dumps({"dataset": "mnist5k"}))
-    assert main(["eval", str(run), *FAST]) == 2
+    assert main(["eval", str(run), *FAST_EVAL]) == 2
     assert "model" in one_error_line(capsys)
     (run / "config.json").write_text("{broken")
-    assert main(["eval", str(run), *FAST]) == 2
+    assert main(["eval", str(run), *FAST_EVAL]) == 2
     assert "config.json" in one_error_line(capsys)
 
 

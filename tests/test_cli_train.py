@@ -1,15 +1,13 @@
-"""The `fosc` command line around training: version, help, print-config, a tiny real run, and
-bad input answered with one line on stderr and exit status 2."""
+"""`fosc train`: print-config (DAT's options among the flags), a tiny real run, and bad input
+answered with one line on stderr and exit status 2 (version and help: test_cli.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from fosctrain import __version__, cli
 from fosctrain.cli import main
 
 TINY = [
@@ -24,24 +22,6 @@ def one_error_line(capsys) -> str:
     assert len(err) == 1, err
     assert err[0].startswith("fosc: error:")
     return err[0]
-
-
-def test_version_and_help(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--version"])
-    assert e.value.code == 0
-    assert __version__ in capsys.readouterr().out
-    assert main([]) == 0
-    out = capsys.readouterr().out
-    for verb in ("train", "attack", "eval", "measure", "plot"):
-        assert verb in out
-
-
-def test_python_dash_m_works():
-    out = subprocess.run(
-        [sys.executable, "-m", "fosctrain", "--version"], capture_output=True, text=True
-    )
-    assert out.returncode == 0 and __version__ in out.stdout
 
 
 def test_print_config_resolves_preset_and_overrides(capsys):
@@ -128,15 +108,6 @@ def test_resume_of_finished_run_and_mismatched_options(tmp_path, capsys):
     assert "different configuration" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("verb", sorted(cli.VERBS))
-def test_every_verb_has_working_help(verb, capsys):
-    """argparse %-formats help texts: a bare '%' in one (e.g. '12.5%') crashes --help."""
-    with pytest.raises(SystemExit) as e:
-        cli.main([verb, "--help"])
-    assert e.value.code == 0
-    assert "usage: fosc " + verb in capsys.readouterr().out
-
-
 def test_a_missing_attack_backend_fails_before_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` fails
     run = tmp_path / "r"
@@ -156,3 +127,15 @@ def test_the_closing_lines_lead_with_the_strong_attack_on_the_same_digits(tmp_pa
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())["test"]
     assert summary["worst_acc"] <= min(summary["strong_acc"], summary["robust_acc"])
     assert summary["strong_acc"] <= summary["clean_acc"]
+
+
+def test_dat_options_are_command_line_flags(capsys):
+    argv = ["train", "--c-schedule", "cosine", "--c-mode", "quantile", "--fosc-relative",
+            "--dat-min-steps", "2", "--c-max-quantile", "0.3", "--c-max-calibration",
+            "first-batches", "--calibration-batches", "4", "--print-config"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    config = json.loads(out[out.index("{") :])
+    assert config["c_schedule"] == "cosine" and config["c_mode"] == "quantile"
+    assert config["fosc_relative"] is True and config["dat_min_steps"] == 2
+    assert config["c_max_calibration"] == "first-batches" and config["calibration_batches"] == 4

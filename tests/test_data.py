@@ -1,16 +1,25 @@
-"""Tests for fosctrain.data: embedded MNIST sample, idx and CIFAR readers, validation,
-batching and augmentation."""
+"""Tests for fosctrain.data: embedded MNIST sample, idx and CIFAR readers (and their errors
+through `fosc train`), validation, batching, the validation split and augmentation."""
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    TINY_ARGS,
+    assert_one_line_error,
+    idx_images,
+    idx_labels,
+    mnist_arrays,
+    run_cli,
+    write_cifar,
+    write_mnist,
+)
 from torch import Tensor
 
 from fosctrain.data import (
@@ -23,6 +32,9 @@ from fosctrain.data import (
     load_mnist,
     load_mnist5k,
     random_crop_flip,
+    random_rotate_shift_flip,
+    rotate_shift,
+    stratified_split,
     validate_tensors,
 )
 from fosctrain.errors import UserError
@@ -94,38 +106,9 @@ def test_load_dataset_by_name() -> None:
 # ---------------------------------------------------------------- MNIST idx files
 
 
-def _idx_images(images: np.ndarray, magic: int = 2051) -> bytes:
-    n, h, w = images.shape
-    return struct.pack(">IIII", magic, n, h, w) + images.astype(np.uint8).tobytes()
-
-
-def _idx_labels(labels: np.ndarray, magic: int = 2049) -> bytes:
-    return struct.pack(">II", magic, len(labels)) + labels.astype(np.uint8).tobytes()
-
-
-def _mnist_arrays(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
-
-
-def _write(path: Path, data: bytes, gz: bool) -> None:
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        data = gzip.compress(data)
-    path.write_bytes(data)
-
-
-def _write_mnist(root: Path, gz: bool = False, n_train: int = 20, n_test: int = 10) -> dict:
-    arrays = {"train": _mnist_arrays(n_train, 0), "t10k": _mnist_arrays(n_test, 1)}
-    for prefix, (images, labels) in arrays.items():
-        _write(root / f"{prefix}-images-idx3-ubyte", _idx_images(images), gz)
-        _write(root / f"{prefix}-labels-idx1-ubyte", _idx_labels(labels), gz)
-    return arrays
-
-
 @pytest.mark.parametrize("gz", [False, True])
 def test_load_mnist_synthetic(tmp_path: Path, gz: bool) -> None:
-    arrays = _write_mnist(tmp_path, gz=gz)
+    arrays = write_mnist(tmp_path, gz=gz)
     d = load_mnist(tmp_path)
     assert d.name == "mnist" and d.input_shape == (1, 28, 28)
     assert d.x_train.shape == (20, 1, 28, 28) and d.x_test.shape == (10, 1, 28, 28)
@@ -140,7 +123,7 @@ def test_load_mnist_synthetic(tmp_path: Path, gz: bool) -> None:
 
 
 def test_mnist_truncated_file(tmp_path: Path) -> None:
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(UserError, match="train-images-idx3-ubyte.*truncated"):
@@ -148,38 +131,38 @@ def test_mnist_truncated_file(tmp_path: Path) -> None:
 
 
 def test_mnist_truncated_header(tmp_path: Path) -> None:
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00")
     with pytest.raises(UserError, match="t10k-labels-idx1-ubyte"):
         load_mnist(tmp_path)
 
 
 def test_mnist_bad_magic(tmp_path: Path) -> None:
-    _write_mnist(tmp_path)
-    images, _ = _mnist_arrays(20, 0)
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_images(images, magic=2049))
+    write_mnist(tmp_path)
+    images, _ = mnist_arrays(20, 0)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_images(images, magic=2049))
     with pytest.raises(UserError, match="train-images-idx3-ubyte.*magic"):
         load_mnist(tmp_path)
 
 
 def test_mnist_label_count_mismatch(tmp_path: Path) -> None:
-    _write_mnist(tmp_path)
-    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_labels(np.zeros(19)))
+    write_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_labels(np.zeros(19)))
     with pytest.raises(UserError, match="train-labels-idx1-ubyte.*19 labels"):
         load_mnist(tmp_path)
 
 
 def test_mnist_label_out_of_range(tmp_path: Path) -> None:
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     labels = np.zeros(10)
     labels[3] = 10
-    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_labels(labels))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_labels(labels))
     with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.*0..9"):
         load_mnist(tmp_path)
 
 
 def test_mnist_missing_file_and_directory(tmp_path: Path) -> None:
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte").unlink()
     with pytest.raises(UserError, match="t10k-images-idx3-ubyte"):
         load_mnist(tmp_path)
@@ -188,7 +171,7 @@ def test_mnist_missing_file_and_directory(tmp_path: Path) -> None:
 
 
 def test_mnist_corrupt_gzip(tmp_path: Path) -> None:
-    _write_mnist(tmp_path, gz=True)
+    write_mnist(tmp_path, gz=True)
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(UserError, match="train-labels-idx1-ubyte.gz.*gzip"):
         load_mnist(tmp_path)
@@ -196,7 +179,7 @@ def test_mnist_corrupt_gzip(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read anything")
 def test_mnist_unreadable_file(tmp_path: Path) -> None:
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte"
     path.chmod(0)
     try:
@@ -207,7 +190,7 @@ def test_mnist_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_permission_error_becomes_user_error(tmp_path: Path, monkeypatch) -> None:
-    _write_mnist(tmp_path)
+    write_mnist(tmp_path)
     real = Path.read_bytes
 
     def refuse(self: Path) -> bytes:
@@ -223,28 +206,9 @@ def test_permission_error_becomes_user_error(tmp_path: Path, monkeypatch) -> Non
 # ---------------------------------------------------------------- CIFAR-10 binary batches
 
 
-def _cifar_batch(n: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = rng.integers(0, 256, (n, 3, 32, 32)).astype(np.uint8)
-    records = np.concatenate([labels[:, None], images.reshape(n, -1)], axis=1)
-    return records.tobytes(), images, labels
-
-
-def _write_cifar(root: Path, n: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    root.mkdir(parents=True, exist_ok=True)
-    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
-    arrays = {}
-    for seed, name in enumerate(names):
-        data, images, labels = _cifar_batch(n, seed)
-        (root / name).write_bytes(data)
-        arrays[name] = (images, labels)
-    return arrays
-
-
 @pytest.mark.parametrize("subdir", [False, True])
 def test_load_cifar10_synthetic(tmp_path: Path, subdir: bool) -> None:
-    arrays = _write_cifar(tmp_path / "cifar-10-batches-bin" if subdir else tmp_path)
+    arrays = write_cifar(tmp_path / "cifar-10-batches-bin" if subdir else tmp_path)
     d = load_cifar10(tmp_path)
     assert d.name == "cifar10" and d.input_shape == (3, 32, 32)
     assert d.x_train.shape == (20, 3, 32, 32) and d.x_test.shape == (4, 3, 32, 32)
@@ -261,7 +225,7 @@ def test_load_cifar10_synthetic(tmp_path: Path, subdir: bool) -> None:
 
 
 def test_cifar_truncated(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     path = tmp_path / "data_batch_3.bin"
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(UserError, match="data_batch_3.bin.*truncated"):
@@ -269,7 +233,7 @@ def test_cifar_truncated(tmp_path: Path) -> None:
 
 
 def test_cifar_bad_label_and_missing(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     path = tmp_path / "test_batch.bin"
     data = bytearray(path.read_bytes())
     data[0] = 12
@@ -423,3 +387,208 @@ def test_the_validation_slice_is_the_same_set_of_examples_as_before_interleaving
 
 def hash_row(row: Tensor) -> bytes:
     return row.numpy().tobytes()
+
+
+# -------------------------------------------------------------- bad data files through `fosc train`
+
+
+def _edit(path: Path, fn) -> None:
+    path.write_bytes(fn(path.read_bytes()))
+
+
+def _set_byte(offset: int, value: int):
+    def fn(data: bytes) -> bytes:
+        b = bytearray(data)
+        b[offset] = value
+        return bytes(b)
+
+    return fn
+
+
+MNIST_FAULTS = {
+    "missing-dir": (lambda d: shutil.rmtree(d), "data directory not found", ""),
+    "dir-is-a-file": (
+        lambda d: (shutil.rmtree(d), d.write_text("x")),
+        "data directory not found",
+        "",
+    ),
+    "missing-file": (
+        lambda d: (d / "t10k-labels-idx1-ubyte").unlink(),
+        "file not found",
+        "t10k-labels-idx1-ubyte",
+    ),
+    "truncated-images": (
+        lambda d: _edit(d / "train-images-idx3-ubyte", lambda b: b[:-100]),
+        "truncated",
+        "train-images-idx3-ubyte",
+    ),
+    "truncated-header": (
+        lambda d: _edit(d / "t10k-images-idx3-ubyte", lambda b: b[:7]),
+        "truncated",
+        "t10k-images-idx3-ubyte",
+    ),
+    "wrong-image-shape": (
+        lambda d: (d / "train-images-idx3-ubyte").write_bytes(idx_images(np.zeros((20, 32, 32)))),
+        "28 x 28",
+        "train-images-idx3-ubyte",
+    ),
+    "bad-magic": (
+        lambda d: _edit(d / "train-labels-idx1-ubyte", _set_byte(3, 0x99)),
+        "magic",
+        "train-labels-idx1-ubyte",
+    ),
+    "label-out-of-range": (
+        lambda d: _edit(d / "t10k-labels-idx1-ubyte", _set_byte(8 + 3, 10)),
+        "0..9",
+        "t10k-labels-idx1-ubyte",
+    ),
+    "label-count-mismatch": (
+        lambda d: (d / "train-labels-idx1-ubyte").write_bytes(idx_labels(np.zeros(19))),
+        "19 labels",
+        "train-labels-idx1-ubyte",
+    ),
+    "corrupt-gzip": (
+        lambda d: (
+            (d / "train-images-idx3-ubyte").unlink(),
+            (d / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b not gzip"),
+        ),
+        "gzip",
+        "train-images-idx3-ubyte.gz",
+    ),
+}
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+@pytest.mark.parametrize("fault", sorted(MNIST_FAULTS))
+def test_bad_mnist_files_are_one_line_naming_the_file(tmp_path, capsys, fault):
+    data = tmp_path / "mnist"
+    write_mnist(data)
+    make, message, filename = MNIST_FAULTS[fault]
+    make(data)
+    argv = ["train", "--dataset", "mnist", "--data-dir", data, *TINY_ARGS, "--runs-dir", tmp_path]
+    rc, _, err = run_cli(capsys, [*argv, "--name", "r"])
+    assert_one_line_error(rc, err, message, str(data / filename) if filename else str(data))
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_unreadable_mnist_file_is_one_line(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "mnist"
+    write_mnist(data)
+    real = Path.read_bytes
+
+    def refuse(self):  # root ignores chmod, so refuse the read itself
+        if self.name == "train-labels-idx1-ubyte":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    argv = ["train", "--dataset", "mnist", "--data-dir", data, *TINY_ARGS, "--runs-dir", tmp_path]
+    rc, _, err = run_cli(capsys, [*argv, "--name", "r"])
+    assert_one_line_error(rc, err, "permission denied", "train-labels-idx1-ubyte")
+
+
+CIFAR_FAULTS = {
+    "truncated": (
+        lambda d: _edit(d / "data_batch_3.bin", lambda b: b[:-1]),
+        "truncated",
+        "data_batch_3.bin",
+    ),
+    "empty": (lambda d: (d / "test_batch.bin").write_bytes(b""), "truncated", "test_batch.bin"),
+    "label-out-of-range": (
+        lambda d: _edit(d / "data_batch_1.bin", _set_byte(3073, 200)),
+        "0..9",
+        "data_batch_1.bin",
+    ),
+    "missing-file": (
+        lambda d: (d / "data_batch_5.bin").unlink(),
+        "file not found",
+        "data_batch_5.bin",
+    ),
+    "missing-dir": (lambda d: shutil.rmtree(d), "data directory not found", ""),
+}
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+@pytest.mark.parametrize("fault", sorted(CIFAR_FAULTS))
+def test_bad_cifar_files_are_one_line_naming_the_file(tmp_path, capsys, fault):
+    data = tmp_path / "cifar"
+    write_cifar(data)
+    make, message, filename = CIFAR_FAULTS[fault]
+    make(data)
+    argv = ["train", "--dataset", "cifar10", "--data-dir", data, "--model", "cifar-cnn8"]
+    argv += ["--eps", "0.03", *TINY_ARGS, "--runs-dir", tmp_path, "--name", "r"]
+    rc, _, err = run_cli(capsys, argv)
+    assert_one_line_error(rc, err, message, str(data / filename) if filename else str(data))
+
+
+# --------------------------------------------------------------------------- the validation slice
+
+
+def test_validation_slice_is_stratified_disjoint_and_fixed():
+    y = load_mnist5k().y_train  # 400 of each digit
+    torch.manual_seed(1)
+    train, val = stratified_split(y, 500)
+    torch.manual_seed(2)
+    train2, val2 = stratified_split(y, 500)
+    assert torch.equal(val, val2) and torch.equal(train, train2)  # whatever the global seed
+    assert len(val) == 500 and len(train) == 3500
+    assert not set(val.tolist()) & set(train.tolist())
+    assert sorted(val.tolist() + train.tolist()) == list(range(4000))
+    assert torch.bincount(y[val], minlength=10).tolist() == [50] * 10
+    uneven = torch.tensor([0] * 70 + [1] * 20 + [2] * 10)
+    counts = torch.bincount(uneven[stratified_split(uneven, 10)[1]], minlength=3).tolist()
+    assert counts == [7, 2, 1]
+    with pytest.raises(UserError, match="nothing to train"):
+        stratified_split(uneven, 100)
+
+
+# -------------------------------------------------- Keras-style augmentation (the CIFAR-10 presets)
+
+
+def _scipy_rotate_shift(image: np.ndarray, degrees: float, shift: tuple[float, float]):
+    """Independent reference: input coordinate = R (p - c) + c + shift, bilinear, nearest fill."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    t = np.deg2rad(degrees)
+    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    centre = (np.array(image.shape) - 1) / 2
+    offset = centre - rot @ centre + np.array(shift)
+    return ndimage.affine_transform(image, rot, offset=offset, order=1, mode="nearest")
+
+
+@pytest.mark.parametrize("size", [(9, 9), (7, 12)])
+def test_rotate_shift_matches_scipy(size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 2, *size, generator=gen, dtype=torch.float64)
+    degrees = torch.tensor([0.0, 10.0, -7.5, 33.0, 90.0, -3.0], dtype=torch.float64)
+    shifts = torch.tensor(
+        [[0.0, 0.0], [1.0, -2.0], [0.3, 1.7], [-2.4, 0.0], [0.0, 0.5], [1.9, -1.1]],
+        dtype=torch.float64,
+    )
+    out = rotate_shift(x, degrees, shifts)
+    for n in range(6):
+        for ch in range(2):
+            ref = _scipy_rotate_shift(x[n, ch].numpy(), degrees[n].item(), tuple(shifts[n]))
+            np.testing.assert_allclose(out[n, ch].numpy(), ref, atol=1e-9)
+
+
+def test_rotate_shift_exact_cases():
+    x = torch.rand(1, 1, 8, 8, dtype=torch.float64)
+    assert torch.allclose(rotate_shift(x, torch.zeros(1), torch.zeros(1, 2)), x, atol=1e-12)
+    shifted = rotate_shift(x, torch.zeros(1), torch.tensor([[0.0, 2.0]]))  # reads col + 2
+    assert torch.allclose(shifted[..., :6], x[..., 2:], atol=1e-12)
+    assert torch.allclose(shifted[..., 6:], x[..., 7:].expand(-1, -1, -1, 2), atol=1e-12)
+
+
+def test_keras_augmentation_is_deterministic_and_bounded():
+    x = torch.rand(64, 3, 12, 12)
+    a = random_rotate_shift_flip(x, torch.Generator().manual_seed(1))
+    b = random_rotate_shift_flip(x, torch.Generator().manual_seed(1))
+    c = random_rotate_shift_flip(x, torch.Generator().manual_seed(2))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1  # bilinear within the pixel box
+    assert torch.equal(x, x.clone())
+    none = random_rotate_shift_flip(x, torch.Generator().manual_seed(3), degrees=0, shift=0)
+    mirrored = [torch.allclose(o, i.flip(2), atol=1e-6) for o, i in zip(none, x, strict=True)]
+    same = [torch.allclose(o, i, atol=1e-6) for o, i in zip(none, x, strict=True)]
+    assert all(m or s for m, s in zip(mirrored, same, strict=True))
+    assert 16 < sum(mirrored) < 48  # flips with probability 1/2

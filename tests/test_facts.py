@@ -1,6 +1,7 @@
 """Each fact the code relies on is stated once: the method names, the norms, the pixel box, the
 default step sizes, the evaluation's budgets, the dataset facts, the positive-number check, the
-device picker, the config hash, the metrics reader; and no library function looks like a test."""
+device picker, the config hash, the metrics reader; no library function looks like a test, and none
+unpickles or evaluates code."""
 
 from __future__ import annotations
 
@@ -180,3 +181,49 @@ def test_the_library_never_imports_its_cli():
         if bad:
             offenders[rel] = sorted(bad)
     assert not offenders, offenders
+
+
+FORBIDDEN = {"eval", "exec", "compile", "__import__"}
+
+
+def _unsafe_calls(tree: ast.AST) -> list[str]:
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in FORBIDDEN:
+            found.append(f"{f.id}()")
+        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+            name = f"{f.value.id}.{f.attr}"
+            if name in ("pickle.load", "pickle.loads", "marshal.load", "marshal.loads"):
+                found.append(name)
+            if name in ("yaml.load", "yaml.unsafe_load", "dill.load", "dill.loads"):
+                found.append(name)
+            if name == "torch.load":
+                safe = any(
+                    k.arg == "weights_only"
+                    and isinstance(k.value, ast.Constant)
+                    and k.value.value is True
+                    for k in node.keywords
+                )
+                if not safe:
+                    found.append("torch.load without weights_only=True")
+        if f"{ast.unparse(f)}".endswith(("Unpickler", "unsafe_load")):
+            found.append(ast.unparse(f))
+    return found
+
+
+def test_package_never_unpickles_or_evaluates_code():
+    files = sorted(SRC.rglob("*.py"))
+    assert len(files) > 10
+    bad = {}
+    for path in files:
+        calls = _unsafe_calls(ast.parse(path.read_text(), str(path)))
+        if calls:
+            bad[str(path.relative_to(SRC))] = calls
+    assert bad == {}
+    # The scanner itself does catch what it looks for.
+    probe = "pickle.load(f)\ntorch.load(p)\ntorch.load(p, weights_only=False)\neval('1')\nexec(s)"
+    assert len(_unsafe_calls(ast.parse(probe))) == 5
+    assert _unsafe_calls(ast.parse("model.eval()\ntorch.load(p, weights_only=True)")) == []

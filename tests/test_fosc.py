@@ -1,6 +1,6 @@
 """FOSC (fosctrain.fosc): closed forms against an independent float64 NumPy re-derivation,
-brute force over the threat set's vertices, invariants, the gradient-scale pitfall, and
-fosc_stats."""
+brute force over the threat set's vertices, invariants (also as hypothesis properties on 4-D
+batches), the gradient-scale pitfall, fosc_stats, and the scale-free relative FOSC."""
 
 from __future__ import annotations
 
@@ -12,14 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PROPERTIES, budgets, seeds, shapes
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from fosctrain.attacks import AttackSpec, run_attack
+from fosctrain.attacks.engine import project
 from fosctrain.config import Config, validate
 from fosctrain.errors import UserError
-from fosctrain.fosc import box_exact, fosc, fosc_half_range, fosc_stats, point_fosc
-from fosctrain.losses import cross_entropy, input_gradient
+from fosctrain.fosc import (
+    box_exact,
+    fosc,
+    fosc_half_range,
+    fosc_stats,
+    point_fosc,
+    relative_fosc,
+)
+from fosctrain.losses import cross_entropy, input_gradient, objective
 
 # ----------------------------------------------------------------------------- references
 # Written from PAPER.md section 2 in float64 NumPy, independently of the implementation.
@@ -385,3 +395,190 @@ def test_fosc_stats_single_value_all_nan_and_empty():
     for empty in (torch.full((4,), float("nan")), torch.zeros(0)):
         assert all(math.isnan(v) for v in fosc_stats(empty).values())
         assert set(fosc_stats(empty)) == {"mean", "median", "p10", "p90", "max"}
+
+
+# ------------------------------------------------------------------------ properties on 4-D batches
+# Whole N x C x H x W batches drawn by hypothesis, the iterate put inside the set with the
+# engine's `project` as PGD does (the invariants above draw flat vectors).
+
+
+def _case(shape, eps, seed, norm="linf", dtype=torch.float64):
+    """x0 in [0,1], x = a projected random point of the threat set, g with some exact zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=gen, dtype=dtype)
+    # Some pixels sit on the box faces, where clipping matters.
+    x0 = torch.where(torch.rand(shape, generator=gen, dtype=dtype) < 0.2, x0.round(), x0)
+    step = (torch.rand(shape, generator=gen, dtype=dtype) * 2 - 1) * 3 * eps
+    x = project(x0 + step, x0, eps, norm, (0.0, 1.0))
+    g = torch.randn(shape, generator=gen, dtype=dtype)
+    g = torch.where(torch.rand(shape, generator=gen, dtype=dtype) < 0.15, torch.zeros_like(g), g)
+    return x, x0, g
+
+
+def _tol(g: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rounding allowance: a few ulps of the largest term eps * ||g||_1."""
+    scale = 1 + eps * g.flatten(1).abs().sum(1)
+    return scale * 8 * torch.finfo(g.dtype).eps
+
+
+@PROPERTIES
+@given(shape=shapes, eps=budgets, seed=seeds, dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_fosc_nonnegative_inside_the_set_and_box_below_paper(shape, eps, seed, dtype):
+    x, x0, g = _case(shape, eps, seed, dtype=dtype)
+    paper = fosc(x, x0, g, eps, "linf")
+    box = fosc(x, x0, g, eps, "linf", (0.0, 1.0))
+    tol = _tol(g, eps)
+    assert paper.shape == box.shape == (shape[0],)
+    assert (paper >= -tol).all()
+    assert (box >= -tol).all()
+    assert (box <= paper + tol).all()
+
+
+@PROPERTIES
+@given(shape=shapes, eps=budgets, seed=seeds)
+def test_fosc_zero_at_the_vertex_maximiser(shape, eps, seed):
+    """For a linear loss <g, x> the maximiser over the set is a vertex: FOSC vanishes there."""
+    _, x0, g = _case(shape, eps, seed, dtype=torch.float32)
+    hi, lo = (x0 + eps).clamp(max=1), (x0 - eps).clamp(min=0)
+    vertex = torch.where(g > 0, hi, lo)
+    box = fosc(vertex, x0, g, eps, "linf", (0.0, 1.0))
+    assert torch.equal(box, torch.zeros_like(box))  # every term is exactly 0 * g_i
+    corner = x0 + eps * g.sign()  # the ball's vertex (outside the pixel box: paper form only)
+    paper = fosc(corner, x0, g, eps, "linf")
+    assert (paper.abs() <= _tol(g, eps) * 4).all()
+    # And it is the maximum: any other point of the set has FOSC >= the vertex's (= 0) and
+    # a linear objective no larger than the vertex's.
+    gen = torch.Generator().manual_seed(seed + 1)
+    step = (torch.rand(shape, generator=gen) * 2 - 1) * 3 * eps
+    x = project(x0 + step, x0, eps, "linf", (0.0, 1.0))
+    assert ((x * g).flatten(1).sum(1) <= (vertex * g).flatten(1).sum(1) + _tol(g, eps)).all()
+
+
+@PROPERTIES
+@given(shape=shapes, eps=budgets, seed=seeds)
+def test_fosc_l2_form(shape, eps, seed):
+    x, x0, g = _case(shape, eps, seed, norm="l2")
+    c = fosc(x, x0, g, eps, "l2")
+    gn = g.flatten(1).norm(dim=1)
+    assert (c >= -1e-12 * (1 + eps * gn)).all()
+    # Zero at the L2 maximiser x0 + eps g / ||g||; equal to the closed form eps ||g|| - <d, g>.
+    on_sphere = x0 + eps * g / gn.clamp_min(1e-300).view(-1, 1, 1, 1)
+    assert (fosc(on_sphere, x0, g, eps, "l2").abs() <= 1e-12 * (1 + eps * gn)).all()
+    expected = eps * gn - ((x - x0) * g).flatten(1).sum(1)
+    assert torch.allclose(c, expected, rtol=0, atol=1e-12)
+
+
+@PROPERTIES
+@given(shape=shapes, eps=budgets, seed=seeds, k=st.floats(1e-3, 1e3))
+def test_fosc_is_positively_homogeneous_in_the_gradient_and_per_sample(shape, eps, seed, k):
+    x, x0, g = _case(shape, eps, seed)
+    for bounds in (None, (0.0, 1.0)):
+        c = fosc(x, x0, g, eps, "linf", bounds)
+        scaled = fosc(x, x0, k * g, eps, "linf", bounds)
+        assert ((scaled - k * c).abs() <= k * _tol(g, eps)).all()  # up to cancellation
+        perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(fosc(x[perm], x0[perm], g[perm], eps, "linf", bounds), c[perm])
+
+
+# --------------------------------------------------------------------------- relative FOSC
+
+
+def _numpy_relative(x, x0, g, eps, norm, bounds=None):
+    x, x0, g = (t.double().flatten(1).numpy() for t in (x, x0, g))
+    if bounds is not None:
+        lo, hi = np.maximum(x0 - eps, bounds[0]), np.minimum(x0 + eps, bounds[1])
+        c = np.where(g > 0, g * (hi - x), g * (lo - x)).sum(1)
+        half = 0.5 * (np.abs(g) * (hi - lo)).sum(1)
+    else:
+        radius = np.abs(g).sum(1) if norm == "linf" else np.linalg.norm(g, axis=1)
+        c = eps * radius - ((x - x0) * g).sum(1)
+        half = eps * radius
+    return c / half
+
+
+@pytest.mark.parametrize(("norm", "box"), [("linf", False), ("linf", True), ("l2", False)])
+def test_relative_fosc_matches_numpy_and_lies_in_0_2(norm, box):
+    gen = torch.Generator().manual_seed(0)
+    eps = 0.3 if norm == "linf" else 1.5
+    x0 = torch.rand(40, 1, 6, 6, generator=gen)
+    x = x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps
+    if norm == "l2":
+        d = (x - x0).flatten(1)
+        x = x0 + (d * (eps / d.norm(dim=1, keepdim=True)).clamp(max=1)).view_as(x0)
+    bounds = (0.0, 1.0) if box else None
+    if box:
+        x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp(0, 1)
+    g = torch.randn(x0.shape, generator=gen)
+    rel = relative_fosc(x, x0, g, eps, norm, bounds)
+    expected = _numpy_relative(x, x0, g, eps, norm, bounds)
+    np.testing.assert_allclose(rel.double().numpy(), expected, rtol=1e-5)
+    assert float(rel.min()) >= 0 and float(rel.max()) <= 2 + 1e-6
+    at_center = relative_fosc(x0, x0, g, eps, norm, None if box else bounds)
+    torch.testing.assert_close(at_center, torch.ones(40))  # 1 at x0 (paper form, L2)
+
+
+def test_relative_fosc_brute_force_on_tiny_boxes_and_circles():
+    """L-inf box: FOSC and the linearized loss's range by enumerating the box's 2^3 vertices;
+    L2 in 2-d: by a dense sweep of the circle."""
+    gen = torch.Generator().manual_seed(1)
+    eps = 0.4
+    for _ in range(20):
+        x0 = torch.rand(1, 3, generator=gen)
+        lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
+        x = lo + torch.rand(1, 3, generator=gen) * (hi - lo)
+        g = torch.randn(1, 3, generator=gen)
+        values = [
+            float((torch.where(torch.tensor(corner), hi, lo) * g).sum())
+            for corner in itertools.product([False, True], repeat=3)
+        ]
+        c = max(values) - float((x * g).sum())
+        expected = c / ((max(values) - min(values)) / 2)
+        got = relative_fosc(x, x0, g, eps, "linf", (0.0, 1.0))
+        assert float(got) == pytest.approx(expected, rel=1e-5)
+    angles = torch.linspace(0, 2 * math.pi, 200001, dtype=torch.float64)
+    circle = torch.stack([angles.cos(), angles.sin()], 1)
+    for _ in range(10):
+        x0, g = torch.randn(1, 2, generator=gen).double(), torch.randn(1, 2, generator=gen).double()
+        x = x0 + torch.randn(1, 2, generator=gen).double().clamp(-0.5, 0.5) * eps
+        linear = ((x0 + eps * circle) * g).sum(1)
+        c = float(linear.max()) - float((x * g).sum())
+        expected = c / (float(linear.max() - linear.min()) / 2)
+        assert float(relative_fosc(x, x0, g, eps, "l2")) == pytest.approx(expected, rel=1e-6)
+
+
+def test_relative_fosc_is_free_of_the_gradients_scale():
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.rand(16, 1, 5, 5, generator=gen)
+    x = (x0 + (torch.rand(x0.shape, generator=gen) - 0.5) * 0.5).clamp(0, 1)
+    g = torch.randn(x0.shape, generator=gen)
+    for norm, bounds in (("linf", None), ("linf", (0.0, 1.0)), ("l2", None)):
+        base = relative_fosc(x, x0, g, 0.3, norm, bounds)
+        for k in (1e-4, 0.37, 3.0, 2.0**7, 1e5):
+            torch.testing.assert_close(relative_fosc(x, x0, k * g, 0.3, norm, bounds), base)
+            assert not torch.allclose(fosc(x, x0, k * g, 0.3, norm, bounds), base)
+    zero = relative_fosc(x, x0, torch.zeros_like(g), 0.3)
+    assert zero.tolist() == [0.0] * 16  # g = 0: stationary, not NaN
+    assert fosc_half_range(x0, g, 0.3).tolist() == pytest.approx(
+        (0.3 * g.flatten(1).abs().sum(1)).tolist()
+    )
+
+
+def test_point_fosc_is_half_the_relative_fosc_and_nan_at_zero_gradient():
+    """One meaning: point_fosc's relative value is relative_fosc / 2 (in [0, 1]), box-exact as
+    asked (downgraded for L2, see box_exact), NaN where relative_fosc says 0 (no gradient)."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.rand(8, 1, 5, 5, generator=gen)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(25, 3))
+    y = torch.zeros(8, dtype=torch.long)
+    x = (x0 + 0.1).clamp(0, 1)
+    grad, _, _ = input_gradient(model, x, y, objective("ce"))
+    for norm, box in (("linf", False), ("linf", True), ("l2", False), ("l2", True)):
+        bounds = (0.0, 1.0) if box and norm == "linf" else None
+        c, rel = point_fosc(model, x0, x, y, 0.3, norm=norm, fosc_box=box)
+        torch.testing.assert_close(c, fosc(x, x0, grad, 0.3, norm, bounds), rtol=0, atol=0)
+        half = relative_fosc(x, x0, grad, 0.3, norm, bounds) / 2
+        torch.testing.assert_close(rel, half, rtol=0, atol=0)
+    zero = nn.Sequential(nn.Flatten(), nn.Linear(25, 3))
+    nn.init.zeros_(zero[1].weight)
+    _, rel0 = point_fosc(zero, x0, x, y, 0.3)
+    assert torch.isnan(rel0).all()

@@ -1,7 +1,9 @@
 """The methods as a drop-in API: docs/API.md's example runs, DAT.loss gives the training loop's
 batch, every method works in a user's loop, options come from Config, hooks round-trip; the
-class hooks (defaults, validate, check_world, report_lines) on every path, and nothing outside
-methods.py asks which method runs."""
+class hooks (defaults, validate, check_world, report_lines) on every path; L2 training examples
+and FOSC; DAT's options beyond Algorithm 1 (target schedules, dat_min_steps, the batch-quantile
+target, c_max calibrated on the initial model or on the first training batches at the rule's
+first check); and nothing outside methods.py asks which method runs."""
 
 from __future__ import annotations
 
@@ -15,18 +17,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_model, small_run
 
 from fosctrain import config as config_mod
 from fosctrain import methods
 from fosctrain import train as train_mod
 from fosctrain import trainer as trainer_mod
+from fosctrain.attacks import PGD, PGDL2, BatchQuantile, FoscThreshold
 from fosctrain.cli import main
 from fosctrain.config import Config, resolve
 from fosctrain.data import load_mnist5k
 from fosctrain.distributed import Dist
 from fosctrain.errors import UserError
+from fosctrain.fosc import fosc, relative_fosc
+from fosctrain.losses import input_gradient, objective
 from fosctrain.methods import DAT, METHODS, Info, create_method
 from fosctrain.models import create_model
+from fosctrain.rundir import build_model
 
 API_DOC = Path(__file__).resolve().parents[1] / "docs" / "API.md"
 MARK = "<!-- drop-in-example -->"
@@ -288,6 +295,187 @@ def test_only_dat_adds_lines_to_the_closing_report():
     assert DAT.report_lines({"c_max": 0.12345}) == ["DAT c_max:            0.1235"]
     assert DAT.report_lines({"c_max": None}) == []
     assert all(m.report_lines({"c_max": 0.5}) == [] for m in METHODS.values() if m is not DAT)
+
+
+# --------------------------------------------------------------------------- L2 training
+
+ATTACKING = ("madry", "cat", "dat", "fat", "trades", "fast")
+
+
+@pytest.mark.parametrize("method", ATTACKING)
+def test_l2_training_examples_lie_in_the_l2_ball(method, model_and_digits):
+    """--norm l2 --eps 2: an L-inf box of 2 covers all of [0, 1], so L-inf training examples
+    move far beyond an L2 distance of 2 (the old code); L2 examples stay inside it and use it."""
+    model, x, y = model_and_digits
+    config = small_run(method=method, norm="l2", eps=2.0, steps=5, c_max=0.0, t_prime=1)
+    m = create_method(config)
+    assert isinstance(m.attack(1.0), PGDL2)
+    result = m.make_batch(model, x, y, 1.0, torch.Generator().manual_seed(0))
+    dist = (result.x_adv - x).flatten(1).norm(dim=1)
+    assert float(dist.max()) <= 2.0 + 1e-5
+    assert float(dist.max()) > 1.0  # the attack moved: not a vacuous bound
+    assert float((result.x_adv - x).abs().max()) > 0  # some pixel moved
+
+
+def test_l2_fosc_is_the_l2_formula(model_and_digits):
+    """Madry, 2 L2 steps without random start: the FOSC reported for the training batch is
+    eps ||g||_2 - <x1 - x0, g> at the first step x1 = clip(x0 + alpha g0 / ||g0||_2), with the
+    gradients recomputed here (the L-inf formula uses ||g||_1 and differs)."""
+    model, x, y = model_and_digits
+    config = small_run(method="madry", norm="l2", eps=2.0, steps=2, random_start=False)
+    result = create_method(config).make_batch(model, x, y, 0.0, torch.Generator())
+    f = objective("ce", False)
+    g0 = input_gradient(model, x, y, f)[0].flatten(1)
+    step = (0.5 * g0 / g0.norm(dim=1, keepdim=True)).view_as(x)
+    x1 = (x + step).clamp(0, 1)
+    g1 = input_gradient(model, x1, y, f)[0].flatten(1)
+    expected = 2.0 * g1.norm(dim=1) - ((x1 - x).flatten(1) * g1).sum(1)
+    torch.testing.assert_close(result.fosc, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ DAT's target schedules and rule
+
+
+def test_quantile_mode_builds_a_batch_quantile_rule_that_decays():
+    m = create_method(small_run(method="dat", c_mode="quantile", c_max_quantile=0.4, t_prime=4))
+    assert [m.attack(t).stop.q for t in (0, 1, 2, 4, 5)] == pytest.approx([0.4, 0.3, 0.2, 0, 0])
+    assert isinstance(m.attack(0).stop, BatchQuantile) and math.isnan(m.fosc_target(0))
+    cos = create_method(small_run(method="dat", c_schedule="cosine", c_max=0.8, t_prime=4))
+    assert [cos.fosc_target(t) for t in (0, 2, 4)] == pytest.approx([0.8, 0.4, 0])
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [({}, 0), ({"first_step_always": True}, 1), ({"dat_min_steps": 2}, 2),
+     ({"dat_min_steps": 2, "first_step_always": True}, 2)],
+)  # fmt: skip
+def test_the_rule_is_first_checked_at_dat_min_steps(options, expected, digits):
+    m = create_method(small_run(method="dat", c_max=1e9, **options))
+    pgd = m.attack(0.0)
+    assert pgd.min_steps == expected
+    x, y = digits
+    result = pgd(fresh_model().eval(), x[:32], y[:32], generator=torch.Generator().manual_seed(0))
+    assert result.steps.tolist() == [expected] * 32  # a huge target stops all at the floor
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"c_schedule": "step"}, "c schedule"),
+        ({"c_mode": "median"}, "c mode"),
+        ({"dat_min_steps": 3}, "dat_min_steps must be below"),
+        ({"dat_min_steps": -1}, "dat_min_steps"),
+        ({"fosc_relative": True, "c_max": 2.5}, "relative FOSC in \\[0, 2\\]"),
+        ({"c_max_calibration": "warm"}, "c_max calibration"),
+        ({"calibration_batches": 0}, "calibration_batches"),
+    ],
+)
+def test_bad_dat_options_are_one_line_errors(options, message):
+    with pytest.raises(UserError, match=message):
+        small_run(method="dat", **options)
+
+
+# -------------------------------------------------------------------------- DAT's c_max calibration
+
+
+def test_initial_calibration_of_the_default_run_is_pinned():
+    """c_max_calibration "initial" (the default) is main's calibration bit for bit: on the
+    default run (seed 0) the loop's sample of 512 training examples gives this c_max (pinned
+    again when the splits became class-interleaved: the sample holds other digits since)."""
+    config = Config()
+    assert config.c_max_calibration == "initial" and config.c_max_quantile == 0.5
+    data = trainer_mod.load_data(config)
+    torch.manual_seed(config.seed)
+    model = build_model(config.to_dict())
+    n = len(data.y_train)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 2))[:512]
+    dat = create_method(config)
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    line = dat.calibrate(model, data.x_train[pick], data.y_train[pick], gen)
+    assert dat.c_max == pytest.approx(0.5222282707691193, abs=1e-7)
+    assert line.startswith("c_max auto = 0.5222 (the 0.5-quantile of step-1 FOSC on 512")
+
+
+def _fosc_at(
+    model,
+    x,
+    y,
+    k: int,
+    seed: int,
+    *,
+    eps=0.3,
+    alpha=None,
+    relative=False,
+    from_start=False,
+    box=False,
+):
+    """Independently of DAT: the FOSC (or relative FOSC) at PGD's k-th point, centred at x0
+    or at the random start, from a PGD of k steps and one more gradient."""
+    pgd = PGD(eps=eps, alpha=alpha, steps=max(k, 1), random_start=True)
+    res = pgd(model, x, y, generator=torch.Generator().manual_seed(seed))
+    point = res.x_start if k == 0 else res.x_adv
+    grad, _, _ = input_gradient(model.eval(), point, y, objective("ce"))
+    centre = res.x_start if from_start else x
+    measure = relative_fosc if relative else fosc
+    return measure(point, centre, grad, eps, "linf", (0.0, 1.0) if box else None)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"fosc_from_random_start": True}, {"first_step_always": True, "fosc_relative": True},
+     {"dat_min_steps": 2, "fosc_box": True}, {"dat_min_steps": 1, "c_max_quantile": 0.3}],
+)  # fmt: skip
+def test_first_batches_measures_fosc_where_and_as_the_rule_checks_it(options, digits):
+    """The drop-in API: one calibration batch is full PGD-K (no stopping rule), and c_max is
+    the quantile of the FOSC at the rule's first check, centred, scaled and bounded as the
+    rule has it; the line that says so is what after_batch returns (the step's note)."""
+    x, y = digits
+    model = fresh_model().eval()
+    dat = DAT(small_run(method="dat", c_max_calibration="first-batches", calibration_batches=1,
+                        **options))  # fmt: skip
+    assert dat.attack(0.0).stop is None and math.isnan(dat.fosc_target(0.0))
+    result = dat.make_batch(model, x, y, 0.0, torch.Generator().manual_seed(9))
+    assert result.steps.tolist() == [3] * len(y) and result.grad_evals == 3 * len(y)
+    line = dat.after_batch(result)
+    c = dat.config
+    expected = _fosc_at(model, x, y, dat.min_steps, 9, relative=c.fosc_relative,
+                        from_start=c.fosc_from_random_start, box=c.fosc_box)  # fmt: skip
+    q = c.c_max_quantile
+    assert dat.c_max == pytest.approx(float(torch.quantile(expected.double(), q)), rel=1e-5)
+    assert f"c_max auto = {dat.c_max:.4g}" in line and "would have stopped there" in line
+    assert dat.after_batch(result) is None and isinstance(dat.attack(0.0).stop, FoscThreshold)
+    assert dat.state() == {"c_max": dat.c_max}
+
+
+def test_first_batches_spans_batches_and_its_state_resumes_it(digits):
+    """Calibration over 3 batches; a method restored from the state after batch 2 reaches the
+    same c_max as the uninterrupted one."""
+    x, y = digits
+    model = fresh_model().eval()
+    config = small_run(method="dat", c_max_calibration="first-batches", calibration_batches=3)
+    whole, cut = DAT(config), DAT(config)
+    batches = [(x[i : i + 32], y[i : i + 32]) for i in (0, 32, 64)]
+
+    def measure(dat, i):
+        dat.after_batch(dat.make_batch(model, *batches[i], 0.0, torch.Generator().manual_seed(i)))
+
+    for i in range(3):
+        measure(whole, i)
+        if i < 2:
+            measure(cut, i)
+        assert (whole.c_max is None) == (i < 2)
+    state = json.loads(json.dumps(cut.state()))
+    assert state["c_max"] is None and state["batches"] == 2 and len(state["measured"]) == 64
+    resumed = DAT(config)
+    resumed.load_state(state)
+    measure(resumed, 2)
+    assert resumed.c_max == whole.c_max
+    assert whole.c_max == pytest.approx(float(torch.quantile(
+        torch.cat([_fosc_at(model, xb, yb, 0, i) for i, (xb, yb) in enumerate(batches)]).double(),
+        0.5)), rel=1e-5)  # fmt: skip
+
+
+# ------------------------------------------------ nothing outside methods.py asks which method runs
 
 
 SRC = Path(methods.__file__).resolve().parent

