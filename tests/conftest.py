@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fosctrain import cli
+from fosctrain import train as train_mod
 from fosctrain import trainer as trainer_mod
 from fosctrain.config import Config, resolve
 from fosctrain.data import load_mnist5k
@@ -345,3 +346,20 @@ def write_cifar(root: Path, n: int = 4) -> dict[str, tuple[np.ndarray, np.ndarra
         (root / name).write_bytes(data)
         arrays[name] = (images, labels)
     return arrays
+
+
+def stop_after(monkeypatch, n: int):
+    """Make the n-th training batch request a stop, as SIGINT / SIGTERM would (the run saves
+    and raises Interrupted at that batch's end); returns the real train_batch to restore."""
+    real = train_mod.train_batch
+    calls = {"n": 0}
+
+    def stop(tr, *a, **k):
+        out = real(tr, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == n:
+            tr.stop_requested = True
+        return out
+
+    monkeypatch.setattr(train_mod, "train_batch", stop)
+    return real

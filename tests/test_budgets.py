@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import small_run
+from conftest import small_run, stop_after
 from safetensors.torch import load_file
 
 from fosctrain import train as train_mod
@@ -86,16 +86,7 @@ def test_a_budget_checkpoint_holds_the_model_of_its_batch(tmp_path):
 def test_resumed_run_keeps_the_same_budget_checkpoints(tmp_path, monkeypatch):
     cfg = small_run(method="madry", epochs=3, budget_every=EVERY)
     whole = train_mod.train(cfg, tmp_path / "whole", progress=False)
-    calls, real = {"n": 0}, train_mod.train_batch
-
-    def stop_after_three(tr, *a, **k):
-        out = real(tr, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 3:  # mid-epoch 2, after the first budget was kept
-            tr.stop_requested = True
-        return out
-
-    monkeypatch.setattr(train_mod, "train_batch", stop_after_three)
+    real = stop_after(monkeypatch, 3)  # mid-epoch 2, after the first budget was kept
     with pytest.raises(train_mod.Interrupted):
         train_mod.train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(train_mod, "train_batch", real)

@@ -22,6 +22,7 @@ from conftest import (
     config_hash_of,
     run_cli,
     small_run,
+    stop_after,
     untimed_metrics,
     write_cifar,
 )
@@ -107,17 +108,7 @@ def _final_weights(run_dir):
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = small(method="dat", epochs=3, c_max=0.3)
     whole = train_mod.train(cfg, tmp_path / "whole", progress=False)
-    calls = {"n": 0}
-    real = train_mod.train_batch
-
-    def stop_after_four(tr, *a, **k):
-        out = real(tr, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 4:  # mid-epoch 2 (3 batches per epoch)
-            tr.stop_requested = True
-        return out
-
-    monkeypatch.setattr(train_mod, "train_batch", stop_after_four)
+    real = stop_after(monkeypatch, 4)  # mid-epoch 2 (3 batches per epoch)
     with pytest.raises(train_mod.Interrupted):
         train_mod.train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(train_mod, "train_batch", real)
@@ -191,28 +182,13 @@ def test_first_batches_trains_as_madry_while_it_measures(tmp_path, capsys):
     assert f"c_max auto = {dat[1]['c_max']:.4g}" in err and "would have stopped there" in err
 
 
-def _stop_after(monkeypatch, n: int):
-    real = train_mod.train_batch
-    calls = {"n": 0}
-
-    def stop(tr, *a, **k):
-        out = real(tr, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == n:
-            tr.stop_requested = True
-        return out
-
-    monkeypatch.setattr(train_mod, "train_batch", stop)
-    return real
-
-
 @pytest.mark.parametrize("cut_after", [1, 3])  # mid-calibration, after it
 def test_run_resumed_mid_or_after_first_batches_equals_uninterrupted(tmp_path, monkeypatch,
                                                                      cut_after):  # fmt: skip
     cfg = small_run(method="dat", epochs=3, c_max_calibration="first-batches",
                     calibration_batches=2, t_prime=3)  # fmt: skip
     whole = train_mod.train(cfg, tmp_path / "whole", progress=False)
-    real = _stop_after(monkeypatch, cut_after)
+    real = stop_after(monkeypatch, cut_after)
     with pytest.raises(train_mod.Interrupted):
         train_mod.train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(train_mod, "train_batch", real)
