@@ -314,3 +314,19 @@ def test_a_batchnorm_model_stays_in_eval_mode_and_matches_torchattacks():
     with torch.no_grad():
         expected = model(direct).argmax(1) == y
     assert torch.equal(stages["apgd-ce"].robust, expected)
+
+
+def test_the_suite_leaves_the_global_rng_as_it_found_it():
+    """torchattacks' APGD reseeds the global RNG; the suite restores it, so that a run that
+    validates with APGD draws the same training randomness as one that does not."""
+    model = tiny_model()
+    x, y = tiny_data(model, 8)
+    suite = aa.build_suite(model, "apgd", EPS, "linf", 10, seed=0, steps=5, targets=2)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    aa.run_suite(model, suite, x, y, torch.ones(8, dtype=torch.bool), 8)
+    assert torch.equal(torch.get_rng_state(), before)
+    direct = torchattacks.APGD(model, eps=EPS, steps=5, seed=0)
+    torch.manual_seed(1234)
+    direct(x, y)
+    assert not torch.equal(torch.get_rng_state(), before)  # what the suite undoes

@@ -112,10 +112,14 @@ def test_a_missing_attack_backend_fails_before_training(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` fails
     run = tmp_path / "r"
     assert main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "r"]) == 2
-    assert "pip install --no-deps torchattacks" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "pip install --no-deps torchattacks" in line and "--val-attack pgd" in line
     assert not run.exists()  # refused before the run directory was made
+    for given in (["--test-attack", "none"], ["--val-attack", "pgd"]):
+        assert main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "p",
+                     *given]) == 2  # fmt: skip
     assert main(["train", *TINY, "--runs-dir", str(tmp_path), "--name", "p",
-                 "--test-attack", "none"]) == 0  # fmt: skip
+                 "--test-attack", "none", "--val-attack", "pgd"]) == 0  # fmt: skip
 
 
 def test_the_closing_lines_lead_with_the_strong_attack_on_the_same_digits(tmp_path, capsys):

@@ -23,7 +23,7 @@ def test_config_hash_is_canonical():
 def test_later_options_at_their_neutral_values_keep_earlier_hashes():
     """The default configuration of before issue 18 (final test on all digits with PGD only)
     keeps the hash every run trained before these options existed recorded."""
-    before = dict(final_eval_n=0, test_attack="none", test_targets=9)
+    before = dict(final_eval_n=0, test_attack="none", test_targets=9, val_attack="pgd")
     assert Config(**before).hash() == "38ff6136387fa2cd"
     for change in (dict(lr_decay=1e-4), dict(weight_decay_on="kernels")):
         assert Config(**before, **change).hash() != Config(**before).hash()

@@ -79,15 +79,14 @@ def test_one_device_picker():
 
 
 def test_config_hash_is_the_one_run_directories_recorded():
-    c = config.Config(eps=0.2, device="cpu", threads=1, test_attack="none", test_targets=9)
+    old = dict(test_attack="none", test_targets=9, val_attack="pgd")  # before issue 18
+    c = config.Config(eps=0.2, device="cpu", threads=1, **old)
     d = c.identity()
     assert not d.keys() & (config.RUNTIME_FIELDS | config.NEUTRAL.keys())
     assert set(d) | config.RUNTIME_FIELDS | config.NEUTRAL.keys() == set(c.to_dict())
     recorded = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert c.hash() == config.config_hash(d) == recorded
-    assert (
-        config.Config(eps=0.2, device="cuda", test_attack="none", test_targets=9).hash() == c.hash()
-    )
+    assert config.Config(eps=0.2, device="cuda", **old).hash() == c.hash()
 
 
 def test_one_metrics_reader():

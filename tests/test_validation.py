@@ -95,7 +95,8 @@ def test_no_validation_means_no_best(tmp_path, spy):
 
 
 def test_reporting_step_is_stated_and_eval_alpha_changes_it(tmp_path, monkeypatch):
-    summary = train_mod.train(small_run(method="natural", eval_steps=20, steps=2), tmp_path / "a")
+    pgd_val = dict(method="natural", steps=2, val_attack="pgd")  # validation by PGD too
+    summary = train_mod.train(small_run(eval_steps=20, **pgd_val), tmp_path / "a")
     test = summary["test"]
     assert test["step_size"] == pytest.approx(2.5 * 0.3 / 20)
     assert test["attack"] == "PGD-20 (eps 0.3, step 0.0375 = 2.5 eps/20, random start)"
@@ -111,9 +112,7 @@ def test_reporting_step_is_stated_and_eval_alpha_changes_it(tmp_path, monkeypatc
             return super().__call__(*a, **k)
 
     monkeypatch.setitem(ATTACKS, "pgd", Recorded)  # what create_attack("pgd") builds
-    summary = train_mod.train(
-        small_run(method="natural", eval_alpha=0.075, steps=2), tmp_path / "b"
-    )
+    summary = train_mod.train(small_run(eval_alpha=0.075, **pgd_val), tmp_path / "b")
     assert alphas and set(alphas) == {0.075}
     assert summary["test"]["step_size"] == 0.075
     assert "step 0.075 = --eval-alpha" in summary["test"]["attack"]

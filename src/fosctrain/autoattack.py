@@ -305,7 +305,20 @@ def run_suite(
     `probe(name, x0, x_adv, y)`, where it returns per-example values (FOSC, say), is recorded
     at every attacked example's final point (NaN elsewhere) as Stage.probe. `known` gives
     components already run on these examples with the same settings (their cumulative robust
-    masks, from an earlier evaluation): they are not run again (0 seconds, 0 evaluations)."""
+    masks, from an earlier evaluation): they are not run again (0 seconds, 0 evaluations).
+
+    torchattacks reseeds the global RNGs (torch.manual_seed in APGD); their state is restored
+    afterwards, so that a run validating with APGD trains as one that does not."""
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        return _run_suite(model, components, x, y, robust, batch_size, on_batch, state, probe,
+                          known)  # fmt: skip
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _run_suite(model, components, x, y, robust, batch_size, on_batch, state, probe, known):
     path, key = state if state is not None else (None, "")
     prog = Progress.load(path, key) if path is not None else Progress(key)
     run = _ComponentRun(model, x, y, batch_size, on_batch, path, prog, probe)
