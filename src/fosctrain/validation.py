@@ -9,8 +9,9 @@ Validation (`val_attack`):
                  APGD-T on the test set within noise of the best candidate (PGD-20; APGD-CE-20
                  and -50 too) and is the cheapest of them, 10.7 gradient evaluations per digit
                  against PGD-20's 20 (docs/RESULTS.md, "Validation that ranks like
-                 AutoAttack"); its level also tracks the test reference's, where PGD-20's sits
-                 2-8 points above it (17-23 on a gradient-masking model)
+                 AutoAttack"). It ranks, it does not measure: its accuracy sits 3-11 points
+                 above the test reference there (PGD-20's 2-8), so a validation number is for
+                 choosing, the final test's for claims
 
 Final test (`test_attack`), beside PGD (the paper's metric) on the same examples:
     apgd         APGD-CE (100 steps) then APGD-T (100 steps, the `test_targets` most likely
