@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fresh_model, small_run
+from conftest import fresh_model, paper_mnist_cnn, small_run
 
 from fosctrain import config as config_mod
 from fosctrain import methods
@@ -103,7 +103,8 @@ def test_every_method_works_through_the_drop_in_api(name, batch):
     x, y = batch
     torch.manual_seed(0)
     model = create_model("mnist-cnn")
-    method = METHODS[name](eps=0.3, steps=3, c_max=0.3, t_prime=2)
+    target = {} if name == "dat-trades" else {"c_max": 0.3}  # it takes no absolute target
+    method = METHODS[name](eps=0.3, steps=3, t_prime=2, **target)
     loss, info = method.loss(model, x, y, 1.5, generator=torch.Generator().manual_seed(0))
     assert model.training  # back in train mode for the training forward
     assert loss.dim() == 0 and math.isfinite(loss.item())
@@ -118,7 +119,7 @@ def test_every_method_works_through_the_drop_in_api(name, batch):
     else:
         assert info.attack_grad_evals > 0 and 1 <= info.steps_mean <= 3
         assert info.fosc_p90 >= info.fosc_median >= 0
-    assert math.isnan(info.fosc_target) != (name == "dat")
+    assert math.isnan(info.fosc_target) != (name == "dat")  # a c_max target (quantile: NaN)
 
 
 def test_methods_are_registered_once_by_the_configs_names():
@@ -201,9 +202,10 @@ DAT_OWN_DEFAULTS = {"steps": 5, "alpha": pytest.approx(0.15), "c_mode": "quantil
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_methods_defaults_are_the_same_on_every_path(name, tmp_path, capsys):
     """resolve (the API), `fosc train` options, a TOML file and the drop-in constructor give one
-    Config: Config's defaults with what the method's `defaults` hook sets (DAT alone sets any)."""
+    Config: Config's defaults with what the method's `defaults` hook sets (DAT and its TRADES
+    variant alone set any)."""
     own = METHODS[name].defaults(Config(method=name), set())
-    assert own == (DAT_OWN_DEFAULTS if name == "dat" else {})
+    assert own == (DAT_OWN_DEFAULTS if issubclass(METHODS[name], DAT) else {})
     expected = dataclasses.replace(Config(method=name), **own).to_dict()
     toml = tmp_path / "m.toml"
     toml.write_text(f'method = "{name}"\n')
@@ -225,6 +227,10 @@ def test_presets_set_what_dat_would_so_no_method_adds_defaults(preset, name):
     """A preset names the attack and c_max, so no method sets anything of its own there."""
     values = {**config_mod.PRESETS[preset], "method": name, "data_dir": "x"}
     assert METHODS[name].defaults(Config(**values), set(values)) == {}
+    if name == "dat-trades":  # the presets' absolute c_max is no target of its
+        with pytest.raises(UserError, match="batch-quantile target only"):
+            resolve(preset, None, {"method": name, "data_dir": "x"})
+        return
     assert resolve(preset, None, {"method": name, "data_dir": "x"}) == Config(**values)
 
 
@@ -261,8 +267,9 @@ def test_each_method_validates_its_own_options_whichever_method_runs(options, me
     owner = DAT if "late_steps" not in options else METHODS["madry"]
     with pytest.raises(UserError, match=message):
         owner.validate(config)
-    for other in set(METHODS.values()) - {owner}:
-        other.validate(config)  # not theirs
+    for other in METHODS.values():
+        if not issubclass(other, owner):  # a variant of DAT checks DAT's options as its own
+            other.validate(config)  # not theirs
     with pytest.raises(UserError, match=message):
         resolve(overrides={"method": "fat", **options})
     with pytest.raises(UserError, match=message):
@@ -287,14 +294,16 @@ def test_dat_check_world_refuses_first_batches_in_more_than_one_process():
         trainer_mod.check_world(first, Dist(world=2), 128)  # the run asks every method
     DAT.check_world(first, Dist())  # one process: fine
     DAT.check_world(Config(c_max_calibration="initial"), Dist(world=2))
-    for method in set(METHODS.values()) - {DAT}:
-        method.check_world(first, Dist(world=2))
+    for method in METHODS.values():
+        if not issubclass(method, DAT):
+            method.check_world(first, Dist(world=2))
 
 
 def test_only_dat_adds_lines_to_the_closing_report():
     assert DAT.report_lines({"c_max": 0.12345}) == ["DAT c_max:            0.1235"]
     assert DAT.report_lines({"c_max": None}) == []
-    assert all(m.report_lines({"c_max": 0.5}) == [] for m in METHODS.values() if m is not DAT)
+    others = [m for m in METHODS.values() if not issubclass(m, DAT)]
+    assert others and all(m.report_lines({"c_max": 0.5}) == [] for m in others)
 
 
 # --------------------------------------------------------------------------- L2 training
@@ -541,3 +550,50 @@ def test_the_method_blind_check_catches_what_it_looks_for():
     for code in caught:
         assert _asks_which_method(ast.parse(code)), code
     assert _asks_which_method(ast.parse('f"{cfg.method} on {cfg.dataset}"')) == []
+
+
+# --------------------------------------------------------------------------- DAT on TRADES
+
+
+def _dat_trades_and_trades(**dat_options):
+    """DAT-TRADES with `dat_options` and TRADES on the same attack (PGD-5 of eps/2)."""
+    dat = resolve(overrides={"method": "dat-trades", **dat_options})
+    trades = resolve(overrides={"method": "trades", "steps": dat.steps, "alpha": dat.alpha})
+    return create_method(dat), create_method(trades)
+
+
+def test_dat_trades_past_t_prime_is_trades(digits):
+    """From T' on the target is 0: every sample runs all its steps, so DAT-TRADES builds
+    TRADES's batch (PGD on the KL term from the clean prediction) and trains on TRADES's loss,
+    bit for bit."""
+    x, y = digits
+    dat, trades = _dat_trades_and_trades()
+    t = float(dat.config.schedule_epochs)
+    # a fresh model each: the training forward moves BatchNorm's running statistics
+    a = dat.step(paper_mnist_cnn(), x, y, t, torch.Generator().manual_seed(3))
+    b = trades.step(paper_mnist_cnn(), x, y, t, torch.Generator().manual_seed(3))
+    assert torch.equal(a.result.x_adv, b.result.x_adv)
+    assert torch.equal(a.losses, b.losses)
+    assert a.result.steps.min().item() == dat.config.steps == 5
+    assert dat.passes == trades.passes == 2
+
+
+def test_dat_trades_stops_on_the_fosc_of_the_kl_objective(digits):
+    """At t = 0 the target is the batch's median FOSC of the KL objective at the first check:
+    about half the samples stop there, and each stopped sample's KL-FOSC meets the target."""
+    x, y = digits
+    model = paper_mnist_cnn()
+    dat, _ = _dat_trades_and_trades()
+    assert dat.attack(0.0).loss == "kl"
+    step = dat.step(model, x, y, 0.0, torch.Generator().manual_seed(3))
+    first = step.result.fosc_trace[dat.min_steps]
+    stopped = step.result.steps == dat.min_steps  # stopped at the first check
+    assert 0.3 < stopped.float().mean().item() < 0.7
+    assert (first[stopped] <= torch.quantile(first, 0.5) + 1e-6).all()
+    assert step.result.steps.float().mean().item() < 5
+
+
+def test_dat_trades_refuses_an_absolute_target():
+    with pytest.raises(UserError, match="batch-quantile target only"):
+        resolve(overrides={"method": "dat-trades", "c_max": 0.3})
+    assert resolve(overrides={"method": "dat-trades"}).c_mode == "quantile"

@@ -587,6 +587,28 @@ class TRADES(Method):
         return cross_entropy(clean, y) + self.config.trades_beta * kl, adv
 
 
+@register("dat-trades")
+class DATTrades(DAT, TRADES):
+    """DAT's stopping rule on TRADES's inner maximization (beyond the paper): PGD on KL(clean
+    || adversarial) as TRADES runs it, each sample stopped once the FOSC of that objective
+    meets DAT's target, then TRADES's loss. DAT's defaults (PGD-5 of eps/2, the batch-quantile
+    target, which needs no scale of its own: the KL objective's FOSC is far smaller than the
+    cross-entropy's); an absolute c_max is refused, since its calibration measures the
+    cross-entropy's FOSC."""
+
+    def pgd(self, **overrides: Any) -> PGD:
+        return super().pgd(**{"loss": "kl", **overrides})
+
+    @classmethod
+    def validate(cls, c: Config) -> None:
+        super().validate(c)
+        if c.method == cls.name and c.c_mode != "quantile":
+            raise UserError(
+                "dat-trades takes DAT's batch-quantile target only (--c-mode quantile, its "
+                "default): an absolute c_max is calibrated on the cross-entropy's FOSC"
+            )
+
+
 @register("fast")
 class FastAT(Method):
     """Fast AT: one step (signed, or normalized for L2) of 1.25 eps from a random start."""
