@@ -178,7 +178,7 @@ TINY_NATURAL_ARGS = [
     "--method", "natural", "--train-n", "64", "--epochs", "2", "--batch-size", "32",
     "--val-n", "32", "--final-eval-n", "32", "--eval-steps", "2", "--threads", "1",
 ]  # fmt: skip
-TIME_COLUMNS = ("epoch_time_s", "time_s")
+TIME_COLUMNS = ("epoch_time_s", "time_s", "val_time_s")
 SRC = Path(__file__).resolve().parents[1] / "src" / "fosctrain"
 FAST_EVAL = ["--n", "16", "--pgd-steps", "2", "--cw-steps", "2", "--no-progress"]
 

@@ -128,9 +128,19 @@ def test_the_closing_lines_lead_with_the_strong_attack_on_the_same_digits(tmp_pa
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[1].startswith("robust accuracy:") and "APGD-CE + APGD-T" in lines[1]
     assert all("on the 32 test examples" in line for line in lines[1:4])
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())["test"]
+    whole = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = whole["test"]
     assert summary["worst_acc"] <= min(summary["strong_acc"], summary["robust_acc"])
     assert summary["strong_acc"] <= summary["clean_acc"]
+    # where the wall-clock went: training, the validation of every epoch, the test report
+    metrics = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert whole["val_time_s"] == pytest.approx(sum(r["val_time_s"] for r in metrics))
+    assert all(r["val_time_s"] > 0 for r in metrics) and summary["time_s"] > 0
+    seconds = [line for line in lines if line.startswith("seconds:")]
+    assert seconds == [
+        f"seconds:              {whole['time_s']:.0f} training, {whole['val_time_s']:.0f} "
+        f"validation, {summary['time_s']:.0f} test report"
+    ]
 
 
 def test_dat_options_are_command_line_flags(capsys):

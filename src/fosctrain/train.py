@@ -335,10 +335,12 @@ def epoch_row(tr: Trainer, epoch: int) -> dict[str, Any]:
     row.update(tr.method.extra_metrics())
     last = epoch + 1 == cfg.epochs
     val = {"clean_acc": math.nan, "robust_acc": math.nan}
+    clock = time.perf_counter()
     if cfg.val_n and ((epoch + 1) % cfg.eval_every == 0 or last):
         x, y = tr.data.x_val.to(tr.device), tr.data.y_val.to(tr.device)
         val = val_accuracy(tr.model, x, y, cfg, cfg.seed + epoch, tr.dist)
     row.update(val_clean_acc=val["clean_acc"], val_robust_acc=val["robust_acc"])
+    row["val_time_s"] = time.perf_counter() - clock  # where the main job's time goes
     return row
 
 
@@ -385,8 +387,9 @@ def summarize(tr: Trainer) -> dict[str, Any]:
     cfg = tr.config
     x, y = fixed_subset(tr.data.x_test, tr.data.y_test, cfg.final_eval_n)
     x, y = x.to(tr.device), y.to(tr.device)
+    clock = time.perf_counter()
     test = final_accuracy(tr.model, x, y, cfg, cfg.seed, tr.dist)
-    return write_summary(tr, test, len(y))
+    return write_summary(tr, {**test, "time_s": time.perf_counter() - clock}, len(y))
 
 
 def calibrate(tr: Trainer) -> None:

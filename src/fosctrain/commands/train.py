@@ -196,6 +196,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def seconds(summary: dict[str, Any]) -> str:
+    """Where the run's wall-clock went: training, the per-epoch validation, the test report."""
+    val, test = summary.get("val_time_s", 0.0), summary["test"].get("time_s", 0.0)
+    return f"{summary['time_s']:.0f} training, {val:.0f} validation, {test:.0f} test report"
+
+
 def report(summary: dict[str, Any]) -> str:
     """The lines `fosc train` ends with: the final model on the test split (evaluated once;
     the AutoAttack-strength accuracy first, PGD beside it, every attack on the same digits),
@@ -226,4 +232,5 @@ def report(summary: dict[str, Any]) -> str:
         f"gradient evaluations: {summary['grad_evals']:,} "
         f"({summary['attack_grad_evals']:,} in attacks), {summary['time_s']:.0f} s of training"
     )
+    lines.append(f"seconds:              {seconds(summary)}")
     return "\n".join(lines + METHODS[summary["method"]].report_lines(summary))
