@@ -17,6 +17,8 @@ from fosctrain.commands.train import report
 from fosctrain.data import load_mnist5k
 from fosctrain.errors import UserError
 from fosctrain.methods import create_method
+from fosctrain.rundir import load_model
+from fosctrain.trainer import load_data
 from fosctrain.validation import val_accuracy
 
 
@@ -118,3 +120,24 @@ def test_reporting_step_is_stated_and_eval_alpha_changes_it(tmp_path, monkeypatc
     assert "step 0.075 = --eval-alpha" in summary["test"]["attack"]
     with pytest.raises(UserError, match="eval_alpha"):
         small_run(eval_alpha=-1.0, steps=2)
+
+
+def test_best_is_chosen_under_the_default_validation_attack_apgd_ce_10(tmp_path):
+    """The default validation attack is issue 18's choice, APGD-CE of 10 steps, and `best` and
+    the logged validation accuracy are what torchattacks' own APGD-CE (10 steps, the run's
+    seed) leaves of the validation slice."""
+    torchattacks = pytest.importorskip("torchattacks")
+    config = small_run(method="madry", epochs=2, steps=2)
+    assert config.val_attack == "apgd-ce-10"
+    summary = train_mod.train(config, tmp_path / "r", progress=False)
+    assert summary["validation"]["attack"].startswith("APGD-CE-10")
+    data = load_data(config)
+    x, y = data.x_val, data.y_val
+    model = load_model(tmp_path / "r", which="best").model.eval()
+    apgd = torchattacks.APGD(model, eps=config.eps, steps=10, seed=config.seed, loss="ce")
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+        robust = clean & (model(apgd(x, y)).argmax(1) == y)
+    assert summary["best"]["val_robust_acc"] == pytest.approx(robust.double().mean().item())
+    epochs = [r["val_robust_acc"] for r in [summary["final"], summary["best"]]]
+    assert summary["best"]["val_robust_acc"] == max(epochs)
