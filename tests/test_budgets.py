@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import small_run, stop_after
 from safetensors.torch import load_file
 
 from fosctrain import train as train_mod
-from fosctrain.budgets import at_seconds, curve, read_scores, summarize_budgets
+from fosctrain.budgets import at_seconds, collect_budgets, curve, read_scores, summarize_budgets
 from fosctrain.checkpoint import MODEL_PREFIX
 from fosctrain.cli import main
 from fosctrain.errors import UserError
@@ -200,6 +201,9 @@ def test_time_to_robustness_smoke_scores_every_checkpoint_and_resumes(tmp_path, 
     assert main(argv) == 0
     assert "2 of 2 runs finished, 0 to run" in capsys.readouterr().err
     assert (out / "runs" / "dat-s0" / BUDGET_SCORES).stat().st_mtime_ns == before
+    shutil.rmtree(out / "runs" / "dat-s0" / "eval-autoattack")  # scored, AutoAttack to come
+    plan = make_plan("time-to-robustness", "smoke", out, configs=["madry-k10", "dat"])
+    assert {r["config"] for r in collect_budgets(plan)} == {"dat", "madry-k10"}
 
 
 def test_print_commands_score_the_budget_checkpoints_as_reproduce_does(tmp_path, capsys):

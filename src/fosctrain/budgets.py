@@ -20,7 +20,7 @@ from typing import Any
 
 from fosctrain.aggregate import csv_text, mean_interval
 from fosctrain.files import atomic_write_text
-from fosctrain.reproduce import BUDGET_SCORES, BUDGET_TARGETS, Plan, status
+from fosctrain.reproduce import BUDGET_SCORES, BUDGET_TARGETS, Plan
 
 BUDGET_COLUMNS = ("config", "seed", "checkpoint", "budget", "grad_evals", "time_s", "cpu_s",
                   "epoch", "clean", "pgd", "apgd", "worst", "n")  # fmt: skip
@@ -59,10 +59,11 @@ def read_scores(path: Path) -> list[dict[str, Any]]:
 
 
 def collect_budgets(plan: Plan) -> list[dict[str, Any]]:
-    """One row per finished run x checkpoint, in the plan's order."""
+    """One row per scored run x checkpoint, in the plan's order (a run whose checkpoints are
+    scored counts here before its AutoAttack has finished)."""
     rows = []
     for run in plan.runs:
-        if status(run) != "finished" or not (run.dir / BUDGET_SCORES).is_file():
+        if not (run.dir / BUDGET_SCORES).is_file():
             continue
         for score in read_scores(run.dir / BUDGET_SCORES):
             rows.append({"config": run.config_name, "seed": run.seed, **score})
