@@ -144,14 +144,15 @@ def plot_time_to_robustness(budgets: list[dict], path: Path) -> Path:
 
 
 def write_figures(plan: Plan, summary: list[dict], budgets: list[dict] | None = None) -> list[Path]:
-    """The experiment's figures into OUT; none while no run has finished."""
-    if not any(e["seeds"] for e in summary):
-        return []
+    """The experiment's figures into OUT; none while no run has finished, but the curves of
+    the budget checkpoints scored so far."""
     out, kind = plan.out, plan.experiment.figure
+    curves = []
+    if kind == "time-to-robustness" and budgets:  # scored checkpoints, finished runs or not
+        curves = [plot_time_to_robustness(budgets, out / "time_to_robustness.png")]
+    if not any(e["seeds"] for e in summary):
+        return curves
     if kind == "time-to-robustness":
-        curves = (
-            [plot_time_to_robustness(budgets, out / "time_to_robustness.png")] if budgets else []
-        )
         return [*curves, plot_bars(summary, out / "bars.png")]
     if kind == "frontier":
         return [plot_frontier(summary, out / "frontier.png"), plot_bars(summary, out / "bars.png")]
