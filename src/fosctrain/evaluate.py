@@ -623,8 +623,9 @@ def evaluate(
     check_positive("apgd_steps", apgd_steps, integer=True)
     if autoattack:
         aa.require_torchattacks()
-        aa.check_classes(_n_classes(model, x), autoattack)
-        _check_targets(apgd_targets, autoattack, _n_classes(model, x))
+        n_classes = _n_classes(model, x)
+        aa.check_classes(n_classes, autoattack)
+        _check_targets(apgd_targets, autoattack, n_classes)
     start = time.perf_counter()
     pgd_checks = checks and "pgd" in attacks
     total = _progress_total(
@@ -658,8 +659,9 @@ def evaluate(
         if pgd_checks:
             global_checks, found = _check_large_eps(ctx, eps_values)
             warnings += found
-    settings = _settings(cfg, eps_values, autoattack, source_model is not None, checks, apgd_steps)
-    settings["apgd_targets"] = apgd_targets
+    settings = _settings(
+        cfg, eps_values, autoattack, source_model is not None, checks, apgd_steps, apgd_targets
+    )
     elapsed = time.perf_counter() - start
     return EvalReport(
         int(x.shape[0]), norm, seed, results, settings, global_checks, warnings, elapsed
@@ -709,6 +711,7 @@ def _settings(
     transfer: bool,
     checks: bool,
     apgd_steps: int,
+    apgd_targets: int | None = None,
 ) -> dict:
     """The evaluation's options, for eval.json (per-attack settings live in each result)."""
     return {
@@ -728,6 +731,7 @@ def _settings(
         "fosc_box": cfg.fosc_box,
         "autoattack": autoattack,
         "apgd_steps": apgd_steps,
+        "apgd_targets": apgd_targets,
         "transfer": transfer,
         "checks": checks,
         "check_n": cfg.check_n,

@@ -101,11 +101,10 @@ def _apgd_mask(
     model: nn.Module, x: Tensor, y: Tensor, robust: Tensor, config, version: str, steps: int
 ) -> Tensor:
     """Robust after APGD `version` (cumulative over its components), from the mask `robust`."""
+    targets = config.test_targets if version == "apgd" else None
     suite = aa.build_suite(
-        model, version, config.eps, config.norm, config.num_classes, config.seed, steps
+        model, version, config.eps, config.norm, config.num_classes, config.seed, steps, targets
     )
-    if version == "apgd":
-        suite[1].attack.n_target_classes = config.test_targets
     stages = aa.run_suite(model, suite, x, y, robust.cpu(), len(y))
     return stages[suite[-1].name].robust.to(y.device)
 
