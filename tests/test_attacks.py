@@ -616,7 +616,7 @@ def test_create_attack_builds_every_registered_attack_with_the_same_options(line
     x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(4, dtype=torch.long)
     options = dict(eps=0.1, alpha=0.02, steps=1, random_start=False, final_fosc=True, seed=0)
-    assert sorted(ATTACKS) == ["cw", "fgsm", "fgsm-rs", "pgd", "pgd-l2"]
+    assert sorted(ATTACKS) == ["apgd", "apgd-l2", "cw", "fgsm", "fgsm-rs", "pgd", "pgd-l2"]
     for name, cls in ATTACKS.items():
         attack = create_attack(name, **options)
         assert type(attack) is cls and attack.step_size == 0.02 and attack.steps == 1
@@ -634,7 +634,11 @@ def test_create_attack_picks_the_form_of_the_norm():
     assert type(create_attack("pgd-l2")) is PGDL2 and type(create_attack("cw")) is CWInf
     assert create_attack("pgd", norm="l2", eps=1.5, steps=3).norm == "l2"
     for name, norm in (("cw", "l2"), ("fgsm", "l2"), ("fgsm-rs", "l2"), ("pgd-l2", "linf")):
-        choices = "['pgd', 'pgd-l2']" if norm == "l2" else "['cw', 'fgsm', 'fgsm-rs', 'pgd']"
+        choices = (
+            "['apgd', 'apgd-l2', 'pgd', 'pgd-l2']"
+            if norm == "l2"
+            else "['apgd', 'cw', 'fgsm', 'fgsm-rs', 'pgd']"
+        )
         message = f"attack '{name}' has no {norm} form; for {norm} choose one of {choices}"
         with pytest.raises(UserError, match=re.escape(message)):
             create_attack(name, norm=norm)
@@ -643,7 +647,7 @@ def test_create_attack_picks_the_form_of_the_norm():
 
 
 def test_unknown_attack_names_give_a_user_error_listing_the_choices():
-    choices = "['cw', 'fgsm', 'fgsm-rs', 'pgd', 'pgd-l2']"
+    choices = "['apgd', 'apgd-l2', 'cw', 'fgsm', 'fgsm-rs', 'pgd', 'pgd-l2']"
     for name, norm in (("deepfool", None), ("deepfool", "l2"), ("PGD", "linf")):
         message = f"unknown attack {name!r}; choose one of {choices}"
         with pytest.raises(UserError, match=re.escape(message)):
@@ -661,6 +665,8 @@ def test_unknown_attack_names_give_a_user_error_listing_the_choices():
         ("cw", 0.2 / 4, "eps/4"),
         ("fgsm", 0.2, "eps"),
         ("fgsm-rs", FGSM_RS_ALPHA * 0.2, "1.25 eps"),
+        ("apgd", 0.4, "2 eps, halved at APGD's checkpoints"),
+        ("apgd-l2", 0.4, "2 eps, halved at APGD's checkpoints"),
     ],
 )
 def test_each_attack_class_owns_its_step_size_rule(name, expected, rule):
@@ -712,7 +718,8 @@ def test_attacks_are_built_only_inside_the_attacks_package():
                 continue
             func = node.func
             called = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-            if called in names:
+            peer = isinstance(func, ast.Attribute) and getattr(func.value, "id", "") == "ta"
+            if called in names and not peer:  # torchattacks' own APGD is not ours
                 found.append(f"{module}:{node.lineno} {called}(...)")
     assert found == []
 

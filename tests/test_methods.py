@@ -23,7 +23,7 @@ from fosctrain import config as config_mod
 from fosctrain import methods
 from fosctrain import train as train_mod
 from fosctrain import trainer as trainer_mod
-from fosctrain.attacks import PGD, PGDL2, BatchQuantile, FoscThreshold
+from fosctrain.attacks import APGD, PGD, PGDL2, BatchQuantile, FoscThreshold
 from fosctrain.cli import main
 from fosctrain.config import Config, resolve
 from fosctrain.data import load_mnist5k
@@ -597,3 +597,42 @@ def test_dat_trades_refuses_an_absolute_target():
     with pytest.raises(UserError, match="batch-quantile target only"):
         resolve(overrides={"method": "dat-trades", "c_max": 0.3})
     assert resolve(overrides={"method": "dat-trades"}).c_mode == "quantile"
+
+
+# ------------------------------------------------------------- APGD as the inner optimizer
+
+
+def test_apgd_inner_optimizer_builds_apgd_with_the_methods_rules(digits):
+    """--inner-optimizer apgd: every PGD-based method attacks with APGD (first step 2 eps
+    unless --alpha, DAT's 5 steps and target unchanged); at t = 0 DAT's rule stops about half
+    the batch at its first check, every stopped sample's FOSC within the target, and the
+    others return APGD's best point after 5 steps and 6 evaluations."""
+    x, y = digits
+    dat = create_method(resolve(overrides={"inner_optimizer": "apgd"}))
+    attack = dat.attack(0.0)
+    assert type(attack) is APGD and attack.step_size == pytest.approx(0.6)
+    assert attack.steps == 5 and isinstance(attack.stop, BatchQuantile)
+    given = resolve(overrides={"inner_optimizer": "apgd", "alpha": 0.2})
+    assert create_method(given).attack(0.0).step_size == 0.2
+    madry = create_method(resolve(overrides={"method": "madry", "inner_optimizer": "apgd"}))
+    assert type(madry.attack(0.0)) is APGD and madry.attack(0.0).steps == 10
+    step = dat.step(paper_mnist_cnn(), x, y, 0.0, torch.Generator().manual_seed(3))
+    first = step.result.fosc_trace[dat.min_steps]
+    at_first = step.result.steps == dat.min_steps
+    assert 0.3 < at_first.float().mean().item() < 0.7
+    stopped = step.result.stopped
+    assert (step.result.fosc[stopped] <= torch.quantile(first, 0.5) + 1e-6).all()
+    assert (step.result.steps[~stopped] == 5).all()
+    evaluated = int((step.result.steps + 1).sum())  # stopped at step k: k + 1 evaluations
+    # compaction pads a running set of under 16 rows to 16 (attacks.engine._pad_rows)
+    assert evaluated <= step.result.grad_evals <= evaluated + 16 * 6
+
+
+def test_apgd_inner_optimizer_is_refused_where_it_cannot_apply(capsys):
+    with pytest.raises(UserError, match="does not apply"):
+        resolve(overrides={"method": "fast", "inner_optimizer": "apgd"})
+    with pytest.raises(UserError, match="inner optimizer"):
+        resolve(overrides={"inner_optimizer": "momentum"})
+    pgd = resolve(overrides={})
+    assert pgd.hash() == Config.stored({k: v for k, v in pgd.to_dict().items()
+                                        if k != "inner_optimizer"}).hash()  # fmt: skip

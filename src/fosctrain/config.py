@@ -76,6 +76,14 @@ class Config:
     steps: int = field(
         default=10, metadata={"help": "PGD steps K for training examples (default 10; dat: 5)"}
     )
+    inner_optimizer: str = field(
+        default="pgd",
+        metadata={
+            "help": "the training attack's optimizer: pgd (fixed steps) or apgd (APGD's "
+            "momentum and halving step from 2 eps, FOSC monitored every step; K steps evaluate "
+            "K + 1 points; --alpha is its first step)"
+        },
+    )
     late_steps: int | None = field(
         default=None, metadata={"help": "madry: PGD steps from epoch --late-from on"}
     )
@@ -277,8 +285,10 @@ NEUTRAL: dict[str, Any] = {
     "val_attack": "pgd",
     "test_attack": "none",
     "test_targets": 9,
+    "inner_optimizer": "pgd",
 }
 WEIGHT_DECAY_ON = ("all", "kernels", "hidden-linear")
+INNER_OPTIMIZERS = ("pgd", "apgd")  # attack registry names of the training attack
 
 # The paper's settings, each a complete literal: nothing below edits a preset after the fact.
 _CIFAR10_PAPER: dict[str, Any] = dict(
@@ -429,6 +439,7 @@ def validate(c: Config) -> None:
     _choice("amp dtype", c.amp, (None, "bf16", "fp16"))
     _choice("weight_decay_on", c.weight_decay_on, WEIGHT_DECAY_ON)
     _choice("augment style", c.augment_style, tuple(AUGMENTATIONS))
+    _choice("inner optimizer", c.inner_optimizer, INNER_OPTIMIZERS)
     for name in ("epochs", "batch_size", "steps", "eval_steps", "eval_every", "num_classes"):
         check_positive(name, getattr(c, name), integer=True)
     for name in ("lr", "eps", "lr_gamma"):

@@ -53,14 +53,15 @@ SAMPLES_PER_EPOCH = 20  # schedule points per epoch for iteration-unit schedules
 
 
 def attack_steps(config: Config) -> float:
-    """Attack steps per training example, summed over training (an upper bound with rules)."""
+    """Attack evaluations per training example, summed over training (an upper bound with
+    rules): its steps, and one more where the attack evaluates its last point (APGD)."""
     method = create_method(config)  # DAT before c_max auto is measured: PGD-K, no rule
     per = SAMPLES_PER_EPOCH if config.schedule_unit == "iteration" else 1
     total = 0.0
     for epoch in range(config.epochs):
         for i in range(per):
             attack = method.attack(epoch + i / per)
-            total += (attack.steps if attack is not None else 0) / per
+            total += (attack.steps + attack.final_fosc if attack is not None else 0) / per
     return total
 
 

@@ -219,6 +219,14 @@ EQUAL_BUDGET = {
     # beyond the paper: DAT's rule on TRADES's inner maximization (at most 7 per example: 5 KL
     # steps and TRADES's two passes), for validation to keep or drop
     "dat-trades": dict(method="dat-trades", epochs=Of("epochs", 2)),
+    # beyond the paper: DAT's default with APGD as its inner optimizer (at most 7 per example:
+    # 5 steps, the last point's evaluation, the training pass), its first step APGD's 2 eps
+    "dat-apgd": {
+        **DAT_DEFAULTS,
+        "inner_optimizer": "apgd",
+        "alpha": None,
+        "epochs": Of("epochs", 2),
+    },
 }
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -299,9 +307,10 @@ EXPERIMENTS: dict[str, Experiment] = {
             "time-to-robustness",
             "robust accuracy (APGD-CE + APGD-T with 3 targets, on the evaluation's test digits) "
             "of checkpoints kept at fixed gradient-evaluation budgets, against training seconds "
-            "and evaluations: DAT's default, Madry PGD-10 and PGD-5, FAT, Fast-AT, TRADES and "
-            "DAT on TRADES's loss, each trained for about Madry PGD-10's evaluations; the final "
-            "models also under the standard AutoAttack",
+            "and evaluations: DAT's default, Madry PGD-10 and PGD-5, FAT, Fast-AT, TRADES, "
+            "DAT on TRADES's loss and DAT with APGD as its inner optimizer, each trained for "
+            "about Madry PGD-10's evaluations; the final models also under the standard "
+            "AutoAttack",
             EQUAL_BUDGET,
             figure="time-to-robustness",
             autoattack=True,

@@ -182,16 +182,17 @@ class Method:
         return None
 
     def pgd(self, **overrides: Any) -> PGD:
-        """The configured PGD (eps, step size, steps, random start, norm), with `overrides`."""
+        """The configured training attack (inner optimizer, eps, step size, steps, random
+        start, norm), with `overrides`: PGD, or APGD (its first step alpha, default 2 eps)."""
         c = self.config
         options = dict(
             eps=c.eps,
-            alpha=c.step_size,
+            alpha=c.alpha if c.inner_optimizer == "apgd" else c.step_size,
             steps=c.steps,
             random_start=c.random_start,
             fosc_box=c.fosc_box,
         )
-        return create_attack("pgd", norm=c.norm, **{**options, **overrides})
+        return create_attack(c.inner_optimizer, norm=c.norm, **{**options, **overrides})
 
     def make_batch(
         self,
@@ -520,11 +521,12 @@ class DAT(Method):
     @classmethod
     def defaults(cls, config: Config, given: set[str] | frozenset[str]) -> dict[str, Any]:
         """PGD-5 of step eps / 2 (a given --steps keeps the fields' step rule, eps / 4; a given
-        --alpha keeps that step with 5 steps) and the batch-quantile target."""
+        --alpha keeps that step with 5 steps; APGD keeps its own first step, 2 eps) and the
+        batch-quantile target."""
         changes: dict[str, Any] = {}
         if "steps" not in given:
             changes["steps"] = cls.DEFAULT_STEPS
-            if "alpha" not in given:
+            if "alpha" not in given and config.inner_optimizer == "pgd":
                 changes["alpha"] = cls.DEFAULT_STEP_OF_EPS * config.eps
         if not given & cls.ABSOLUTE_TARGET_OPTIONS:
             changes["c_mode"] = cls.DEFAULT_C_MODE
@@ -617,6 +619,12 @@ class FastAT(Method):
         c = self.config
         alpha = FGSM_RS_ALPHA * c.eps if c.fast_alpha is None else c.fast_alpha
         return self.pgd(alpha=alpha, steps=1, random_start=True)
+
+    @classmethod
+    def validate(cls, c: Config) -> None:
+        """One signed step of its own size: APGD's schedule has nothing to schedule."""
+        if c.method == cls.name and c.inner_optimizer != "pgd":
+            raise UserError("fast takes one FGSM step: --inner-optimizer apgd does not apply")
 
 
 def create_method(config: Config) -> Method:

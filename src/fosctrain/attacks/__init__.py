@@ -3,6 +3,7 @@ built by name with create_attack (fosctrain.attacks.registry)."""
 
 from __future__ import annotations
 
+from fosctrain.attacks.apgd import APGD, APGDL2
 from fosctrain.attacks.cw import CWInf
 from fosctrain.attacks.engine import (
     AttackResult,
@@ -24,6 +25,8 @@ from fosctrain.attacks.stopping import (
 )
 
 __all__ = [
+    "APGD",
+    "APGDL2",
     "ATTACKS",
     "AttackResult",
     "AttackSpec",

@@ -7,6 +7,10 @@ and moves the rest. With `compact=True` stopped samples leave the batch, so earl
 saves real compute; the model runs in eval mode, so a sample's result does not depend on which
 others share its batch.
 
+How a sample moves between evaluations is the spec's `optimizer`: PGD's fixed projected step
+(`FixedSteps`) or APGD's momentum and step-size schedule (fosctrain.attacks.apgd); the loop,
+its FOSC monitoring, stopping and compaction are the same for both.
+
 Two explicit hooks serve the callers that need more than the result: a start-point sampler
 (data-parallel training draws the global batch's starts and keeps its shard's) and a per-step
 observer (measure records loss, accuracy and FOSC at every step). The result carries the start
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +77,13 @@ class AttackSpec:
     @property
     def step_size(self) -> float:
         return self.default_alpha() if self.alpha is None else self.alpha
+
+    def optimizer(
+        self, eps: float, alpha: float, steps: int, n: int, device: torch.device
+    ) -> Optimizer:
+        """How the n samples move between evaluations (the budget validated): PGD's fixed
+        projected step."""
+        return FixedSteps(eps, alpha, self.norm, self.bounds)
 
 
 @dataclass
@@ -151,12 +163,51 @@ def project(x: Tensor, x0: Tensor, eps: float, norm: str, bounds: tuple[float, f
     return torch.clamp(x0 + delta, bounds[0], bounds[1])
 
 
-def ascent_step(x: Tensor, grad: Tensor, alpha: float, norm: str) -> Tensor:
-    """Steepest ascent of size alpha: the gradient's sign (L-inf) or its direction (L2)."""
+def ascent_step(x: Tensor, grad: Tensor, alpha: float | Tensor, norm: str) -> Tensor:
+    """Steepest ascent of size alpha (a number, or one per sample shaped to broadcast): the
+    gradient's sign (L-inf) or its direction (L2)."""
     if norm == "linf":
         return x + alpha * grad.sign()
     length = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
     return x + alpha * grad / length.view(-1, *([1] * (x.dim() - 1)))
+
+
+class Optimizer(Protocol):
+    """How the engine moves the running samples (batch indices `active`, ascending) between
+    evaluations. `observe` sees each evaluation (objective values, gradient, FOSC at the
+    current points xs) and may move samples to other evaluated points, returning the points,
+    gradients and FOSC the stopping rule and the next step use; `step` takes the step after
+    evaluation k; `result` gives the points (and their FOSC) returned for the samples that
+    used every step."""
+
+    def observe(
+        self, k: int, active: Tensor, xs: Tensor, values: Tensor, grad: Tensor, f: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def step(self, k: int, active: Tensor, xs: Tensor, grad: Tensor, x0s: Tensor) -> Tensor: ...
+
+    def result(self, active: Tensor, xs: Tensor, f: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass
+class FixedSteps:
+    """PGD: a step of alpha along the gradient's sign (L-inf) or direction (L2), projected;
+    the last point is returned."""
+
+    eps: float
+    alpha: float
+    norm: str
+    bounds: tuple[float, float]
+
+    def observe(self, k, active, xs, values, grad, f):
+        return xs, grad, f
+
+    def step(self, k, active, xs, grad, x0s):
+        moved = ascent_step(xs, grad, self.alpha, self.norm)
+        return project(moved, x0s, self.eps, self.norm, self.bounds)
+
+    def result(self, active, xs, f):
+        return xs, f
 
 
 MIN_ROWS = 16
@@ -234,8 +285,8 @@ def run_attack(
     active = torch.arange(n, device=device)
     xs, x0s, ys, cs = x_start, x0, y, center
 
-    def evaluate(k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradient, logits and FOSC of the active set at its current points."""
+    def evaluate(k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gradient, logits, objective values and FOSC of the active set at its points."""
         nonlocal grad_evals
         m = active.numel()
         if m == n:
@@ -255,11 +306,13 @@ def run_attack(
         trace[k, active] = f
         if observer is not None:
             observer(k, active, logits, values, f)
-        return grad, logits, f
+        return grad, logits, values, f
 
+    opt = spec.optimizer(eps, alpha, steps, n, device)
     with attack_mode(model, spec.eval_mode):
         for k in range(steps):
-            grad, logits, f = evaluate(k)
+            grad, logits, values, f = evaluate(k)
+            xs, grad, f = opt.observe(k, active, xs, values, grad, f)
             if stop is not None and k >= min_steps:
                 halt = stop(k, active, f, logits, ys, targeted)
                 if bool(halt.any()):
@@ -271,10 +324,12 @@ def run_attack(
                     grad, f = grad[go], f[go]
                     if active.numel() == 0:
                         break
-            xs = project(ascent_step(xs, grad, alpha, norm), x0s, eps, norm, bounds)
+            xs = opt.step(k, active, xs, grad, x0s)
         else:
             steps_taken[active] = steps
             if final_fosc:
-                _, _, f = evaluate(steps)
+                grad, _, values, f = evaluate(steps)
+                xs, _, f = opt.observe(steps, active, xs, values, grad, f)
+            xs, f = opt.result(active, xs, f)
         x[active], last_fosc[active] = xs, f
     return AttackResult(x.detach(), last_fosc, trace, steps_taken, stopped, grad_evals, x_start)
