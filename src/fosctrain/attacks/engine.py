@@ -92,7 +92,8 @@ class AttackResult:
 
     fosc: each sample's FOSC at the last point whose gradient was evaluated; that is the
     returned point for samples stopped by the rule and for all samples when the attack ran with
-    final_fosc=True, otherwise (samples that used every step) the point one step before.
+    final_fosc=True, otherwise (samples that used every step) the point one step before. Under
+    an optimizer that returns another evaluated point (APGD: the best), that point's FOSC.
     fosc_trace: steps x batch, FOSC at each evaluated point, NaN once a sample stopped.
     steps: projected steps each sample took. grad_evals: rows pushed through a forward and
     input-gradient backward pass (the attack's real cost; see _pad_rows for the few extra).
