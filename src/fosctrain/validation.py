@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from fosctrain import autoattack as aa
+from fosctrain.allocator import keep_freed_memory
 from fosctrain.attacks import create_attack
 from fosctrain.distributed import Dist
 from fosctrain.errors import UserError
@@ -159,6 +160,7 @@ def _score(
 ) -> dict[str, int]:
     """Counts of correct examples: clean, under PGD (unless validating with APGD-CE), under
     APGD (validation's APGD-CE-K, or the test's suite), and under both (worst)."""
+    keep_freed_memory()  # attack batches of 500 digits: 1.3-1.7x faster (fosctrain.allocator)
     dist = dist or Dist()
     gen = torch.Generator().manual_seed(seed)
     counts = {"clean": 0, "pgd": 0, "apgd": 0, "worst": 0}
