@@ -68,7 +68,9 @@ def main(out: Path, test_n: int) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for run in sorted(p for p in (out / "runs").iterdir() if (p / "summary.json").is_file()):
         summary = json.loads((run / "summary.json").read_text())
-        model = load_model(run, "last")
+        model = load_model(run, "last").model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
         eps = json.loads((run / "config.json").read_text())["eps"]
         val = strong_accuracy(model, xv, yv, eps)
         test = strong_accuracy(model, xt, yt, eps)
