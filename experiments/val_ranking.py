@@ -101,9 +101,15 @@ def reference(run: str, n: int) -> float:
     return mask.double().mean().item()
 
 
+def _has_reference(run: str) -> bool:
+    """Whether the run has a test report to rank against (runs without one are measured for
+    validation only: a configuration chosen by validation before its test report exists)."""
+    return any((Path(run) / d / "eval.json").is_file() for d in ("eval", "eval-ref"))
+
+
 def analyze(path: Path, n: int) -> str:
     rows = list(csv.DictReader(path.open()))
-    runs = sorted({r["run"] for r in rows})
+    runs = sorted({r["run"] for r in rows if _has_reference(r["run"])})
     ref = np.array([reference(r, n) for r in runs])
     table = {c: {r["run"]: r for r in rows if r["candidate"] == c} for c in CANDIDATES}
     cands = [c for c in CANDIDATES if all(r in table[c] for r in runs)]
