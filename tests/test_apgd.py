@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchattacks
 
-from fosctrain.attacks import APGD, APGDL2, FoscThreshold, create_attack
+from fosctrain.attacks import APGD, APGDL2, FoscThreshold, MisclassifiedTau, create_attack
 from fosctrain.attacks.apgd import checkpoints
 from fosctrain.fosc import fosc
 from fosctrain.losses import input_gradient
@@ -131,3 +131,22 @@ def test_l2_form_stays_in_ball(shared_cnn, shared_batch):
     _, _, values = input_gradient(shared_cnn, result.x_adv, y)
     _, _, start = input_gradient(shared_cnn, result.x_start, y)
     assert bool((values >= start - 1e-6).all())
+
+
+def test_the_rule_sees_the_point_it_returns(shared_cnn, shared_batch):
+    """A rule decides on the point just evaluated, before a checkpoint may move the sample back
+    to its best point: FAT's rule (stop at the first misclassified point) under APGD returns
+    misclassified points only, and every stopped sample's FOSC is its trace's at that step."""
+    x, _ = shared_batch
+    with torch.no_grad():
+        y = shared_cnn(x).argmax(1)  # every digit starts correctly classified
+    for eps in (0.001, 0.002, 0.004):
+        attack = APGD(eps=eps, steps=10, seed=0, stop=MisclassifiedTau(0))
+        result = attack(shared_cnn, x, y)
+        stopped = result.stopped
+        assert stopped.any() and not stopped.all()
+        with torch.no_grad():
+            fooled = shared_cnn(result.x_adv).argmax(1) != y
+        assert bool(fooled[stopped].all())
+        at_stop = result.fosc_trace[result.steps[stopped], stopped.nonzero().squeeze(1)]
+        assert torch.equal(result.fosc[stopped], at_stop)

@@ -603,8 +603,8 @@ def test_dat_trades_refuses_an_absolute_target():
 
 
 def test_apgd_inner_optimizer_builds_apgd_with_the_methods_rules(digits):
-    """--inner-optimizer apgd: every PGD-based method attacks with APGD (first step 2 eps
-    unless --alpha, DAT's 5 steps and target unchanged); at t = 0 DAT's rule stops about half
+    """--inner-optimizer apgd: every PGD-based method attacks with APGD (first step 2 eps,
+    DAT's 5 steps and target unchanged); at t = 0 DAT's rule stops about half
     the batch at its first check, every stopped sample's FOSC within the target, and the
     others return APGD's best point after 5 steps and 6 evaluations."""
     x, y = digits
@@ -612,8 +612,11 @@ def test_apgd_inner_optimizer_builds_apgd_with_the_methods_rules(digits):
     attack = dat.attack(0.0)
     assert type(attack) is APGD and attack.step_size == pytest.approx(0.6)
     assert attack.steps == 5 and isinstance(attack.stop, BatchQuantile)
+    # APGD's step is its own schedule: neither --alpha nor a preset's PGD step moves it
     given = resolve(overrides={"inner_optimizer": "apgd", "alpha": 0.2})
-    assert create_method(given).attack(0.0).step_size == 0.2
+    assert create_method(given).attack(0.0).step_size == pytest.approx(0.6)
+    paper = resolve("mnist-paper", overrides={"inner_optimizer": "apgd"})
+    assert paper.alpha == 0.075 and create_method(paper).attack(0.0).step_size == 0.6
     madry = create_method(resolve(overrides={"method": "madry", "inner_optimizer": "apgd"}))
     assert type(madry.attack(0.0)) is APGD and madry.attack(0.0).steps == 10
     step = dat.step(paper_mnist_cnn(), x, y, 0.0, torch.Generator().manual_seed(3))

@@ -80,8 +80,8 @@ class Config:
         default="pgd",
         metadata={
             "help": "the training attack's optimizer: pgd (fixed steps) or apgd (APGD's "
-            "momentum and halving step from 2 eps, FOSC monitored every step; K steps evaluate "
-            "K + 1 points; --alpha is its first step)"
+            "momentum and its own step schedule, 2 eps halved at its checkpoints, so --alpha "
+            "is unused; FOSC monitored every step; K steps evaluate K + 1 points)"
         },
     )
     late_steps: int | None = field(

@@ -183,11 +183,12 @@ class Method:
 
     def pgd(self, **overrides: Any) -> PGD:
         """The configured training attack (inner optimizer, eps, step size, steps, random
-        start, norm), with `overrides`: PGD, or APGD (its first step alpha, default 2 eps)."""
+        start, norm), with `overrides`: PGD, or APGD, whose step size is its own schedule
+        (2 eps, halved at its checkpoints: --alpha and a preset's alpha are PGD's)."""
         c = self.config
         options = dict(
             eps=c.eps,
-            alpha=c.alpha if c.inner_optimizer == "apgd" else c.step_size,
+            alpha=None if c.inner_optimizer == "apgd" else c.step_size,
             steps=c.steps,
             random_start=c.random_start,
             fosc_box=c.fosc_box,
@@ -499,7 +500,7 @@ class DAT(Method):
         if self.target.to_measure != "initial":
             return self.target.first_batches_plan()
         c = self.config
-        pgd = self.pgd(steps=2, fosc_relative=c.fosc_relative)
+        pgd = self.pgd(steps=2, fosc_relative=c.fosc_relative, final_fosc=False)
         trace = pgd(model, x, y, generator=generator).fosc_trace[1]
         return self.target.fit_initial(trace)
 

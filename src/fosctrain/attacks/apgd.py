@@ -8,7 +8,10 @@ The schedule, the checks and the returned point follow the reference implementat
 AutoAttack code that torchattacks' APGD copies), which tests/test_apgd.py compares step for
 step: K steps cost K + 1 evaluations (the start and every step's point), and a sample that uses
 every step returns the point of highest objective it evaluated. A sample stopped by a rule
-returns the point where the rule stopped it, as under PGD.
+returns the point where the rule stopped it, as under PGD (the rule sees every evaluated point
+before APGD's checkpoint may move a sample back to its best point). The random start is the
+engine's (uniform in the ball; the reference starts on the ball's surface): pass `start` for
+the reference's.
 """
 
 from __future__ import annotations

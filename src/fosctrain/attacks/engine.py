@@ -48,9 +48,10 @@ class AttackSpec:
     the exact box-aware FOSC (L-inf only, see fosctrain.fosc.box_exact). fosc_from_start: FOSC
     around the random start, the official code's quirk, instead of around x0. fosc_relative:
     every FOSC the engine reports (to the rule, the observer, the trace and the result) is
-    fosctrain.fosc.relative_fosc. final_fosc: one more gradient pass measures FOSC at the
-    returned points. compact: stopped samples leave the batch (the cost falls, the result does
-    not change). eval_mode: attack the model in eval mode (its mode is restored afterwards).
+    fosctrain.fosc.relative_fosc. final_fosc: one more gradient pass evaluates the last step's
+    points (their FOSC; under APGD also a candidate for the best point it returns). compact:
+    stopped samples leave the batch (the cost falls, the result does not change). eval_mode:
+    attack the model in eval mode (its mode is restored afterwards).
     """
 
     eps: float
@@ -253,8 +254,10 @@ def run_attack(
     point the `start` sampler draws from `generator` (projected onto the threat set).
 
     The loop is Algorithm 1's inner loop: the active set (samples still running) is evaluated
-    once per step; the stopping rule, consulted from step `min_steps` on, moves some of it to
-    the stopped set, which keeps its points; the rest take a step. `y` holds the target labels
+    once per step; the stopping rule, consulted from step `min_steps` on, sees each evaluated
+    point (its FOSC and logits) and moves some of it to the stopped set, which keeps those
+    points; the optimizer sees the rest (APGD may move them back to their best points) and
+    they take a step. `y` holds the target labels
     when `spec.targeted`. `observer` sees every evaluation.
     """
     eps, alpha, steps = validate(spec.eps, spec.step_size, spec.steps)
@@ -313,7 +316,6 @@ def run_attack(
     with attack_mode(model, spec.eval_mode):
         for k in range(steps):
             grad, logits, values, f = evaluate(k)
-            xs, grad, f = opt.observe(k, active, xs, values, grad, f)
             if stop is not None and k >= min_steps:
                 halt = stop(k, active, f, logits, ys, targeted)
                 if bool(halt.any()):
@@ -322,9 +324,10 @@ def run_attack(
                     steps_taken[done], stopped[done] = k, True
                     go = (~halt).nonzero().squeeze(1)
                     active, xs, x0s, ys, cs = active[go], xs[go], x0s[go], ys[go], cs[go]
-                    grad, f = grad[go], f[go]
+                    grad, values, f = grad[go], values[go], f[go]
                     if active.numel() == 0:
                         break
+            xs, grad, f = opt.observe(k, active, xs, values, grad, f)
             xs = opt.step(k, active, xs, grad, x0s)
         else:
             steps_taken[active] = steps

@@ -1,7 +1,8 @@
 """Stopping rules: which still-running samples stop at the current PGD step.
 
-A rule sees only the samples still running (their batch indices `idx`) and returns a bool mask
-over them; a stopped sample keeps its current point and costs no more gradient evaluations.
+A rule sees only the samples still running (their batch indices `idx`) at the points just
+evaluated (their FOSC and logits) and returns a bool mask over them; a stopped sample keeps
+that point and costs no more gradient evaluations.
 """
 
 from __future__ import annotations
