@@ -38,6 +38,19 @@ def test_fgsm_refuses_more_steps(capsys):
         FGSM(eps=0.1, steps=3)
 
 
+@pytest.mark.parametrize(("attack", "eps"), [("pgd", "2"), ("apgd", "1.5"), ("pgd-l2", "-1")])
+def test_eps_out_of_range_is_one_line(capsys, attack, eps):
+    rc = main(["attack", "--n", str(N), "--attack", attack, "--eps", eps])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "eps must be" in err
+
+
+def test_apgd_runs_from_the_cli_with_its_evaluations(capsys):
+    rc, out, _ = attack_cli(capsys, "--attack", "apgd", "--steps", "5")
+    assert rc == 0 and "(mean steps 5.00)" in out
+    assert f"gradient evaluations {6 * N} " in out  # the start and every step's point
+
+
 def test_steps_default_is_the_attacks_own(capsys):
     rc, out, _ = attack_cli(capsys, "--attack", "cw")
     assert rc == 0

@@ -6,11 +6,12 @@ import argparse
 
 import torch
 
-from fosctrain.attacks import ATTACKS, FoscThreshold, create_attack
+from fosctrain.attacks import ATTACKS, FoscThreshold, attack_class, create_attack
 from fosctrain.data import DATASET_NAMES, fixed_subset, load_dataset
 from fosctrain.fosc import fosc_stats
 from fosctrain.models import create_model
 from fosctrain.rundir import load_model
+from fosctrain.threat import validate_eps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    validate_eps([args.eps], attack_class(args.attack).norm)  # before any data is read
     data = load_dataset(args.dataset, args.data_dir)
     if args.checkpoint:
         model = load_model(args.checkpoint).model
