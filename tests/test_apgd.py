@@ -37,7 +37,7 @@ def test_checkpoint_decisions_by_hand():
     fall from 5 to 3 counts as a rise); a step that does not raise the objective halves the
     step size and moves the sample back to its best point; a sample not halved at the last
     check whose best did not improve since is halved too."""
-    steps = APGD(eps=0.25, steps=5).optimizer(0.25, 0.5, 5, 2, torch.device("cpu"))
+    steps = APGD(eps=0.25, steps=5).optimizer(0.25, 0.5, 5, torch.zeros(2, 1, 1, 1))
     active = torch.arange(2)
     points = [torch.full((2, 1, 1, 1), float(k)) for k in range(5)]
     grad, f = torch.ones(2, 1, 1, 1), torch.tensor([0.1, 0.2])

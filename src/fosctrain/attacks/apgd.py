@@ -47,8 +47,8 @@ def checkpoints(steps: int) -> list[tuple[int, int]]:
 
 
 class APGDSteps:
-    """APGD's state for a batch of n samples, kept at full batch size and indexed by the
-    running samples' batch indices, so the engine's compaction never has to move it."""
+    """APGD's state for the batch x0, kept at full batch size and indexed by the running
+    samples' batch indices, so the engine's compaction never has to move it."""
 
     def __init__(
         self,
@@ -57,11 +57,11 @@ class APGDSteps:
         norm: str,
         bounds: tuple[float, float],
         steps: int,
-        n: int,
-        device: torch.device,
+        x0: Tensor,
     ) -> None:
         self.eps, self.norm, self.bounds = eps, norm, bounds
         self.checks = dict(checkpoints(steps))
+        n, device = x0.shape[0], x0.device
         self.eta = torch.full((n,), float(alpha), device=device)
         # objective at each evaluation; row 0 stays 0: the reference compares the first step's
         # objective with 0, not with the start's (so a positive objective counts as a rise)
@@ -69,19 +69,16 @@ class APGDSteps:
         self.best_value = torch.full((n,), float("-inf"), device=device)
         self.best_at_check = torch.zeros(n, device=device)
         self.halved_at_check = torch.ones(n, dtype=torch.bool, device=device)
-        self.best_x: Tensor | None = None
-        self.best_grad: Tensor | None = None
+        self.best_x = torch.zeros_like(x0)
+        self.best_grad = torch.zeros_like(x0)
         self.best_fosc = torch.full((n,), float("nan"), device=device)
-        self.previous: Tensor | None = None
+        self.previous = torch.zeros_like(x0)  # each sample's point before its last step
 
     def observe(self, k, active, xs, values, grad, f):
         """Keep each sample's best point (strictly higher objective); at a checkpoint, halve
         the step where the objective rose in at most 75% of the window's steps, or where the
         step was not halved at the last checkpoint and the best did not improve since, and move
         those samples back to their best point."""
-        if self.best_x is None:
-            self.best_x = xs.new_zeros((len(self.eta), *xs.shape[1:]))
-            self.best_grad = torch.zeros_like(self.best_x)
         if k > 0:
             self.history[k, active] = values
         better = values > self.best_value[active]
@@ -122,8 +119,6 @@ class APGDSteps:
         previous = xs if k == 0 else self.previous[active]
         z = project(ascent_step(xs, grad, eta, self.norm), x0s, self.eps, self.norm, self.bounds)
         moved = xs + (z - xs) * a + (xs - previous) * (1 - a)
-        if self.previous is None:
-            self.previous = torch.zeros_like(self.best_x)
         self.previous[active] = xs
         return project(moved, x0s, self.eps, self.norm, self.bounds)
 
@@ -147,8 +142,8 @@ class APGD(PGD):
     def default_alpha(self) -> float:
         return 2 * self.eps
 
-    def optimizer(self, eps, alpha, steps, n, device) -> APGDSteps:
-        return APGDSteps(eps, alpha, self.norm, self.bounds, steps, n, device)
+    def optimizer(self, eps, alpha, steps, x0) -> APGDSteps:
+        return APGDSteps(eps, alpha, self.norm, self.bounds, steps, x0)
 
 
 @register("apgd-l2")

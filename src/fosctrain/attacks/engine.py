@@ -79,10 +79,8 @@ class AttackSpec:
     def step_size(self) -> float:
         return self.default_alpha() if self.alpha is None else self.alpha
 
-    def optimizer(
-        self, eps: float, alpha: float, steps: int, n: int, device: torch.device
-    ) -> Optimizer:
-        """How the n samples move between evaluations (the budget validated): PGD's fixed
+    def optimizer(self, eps: float, alpha: float, steps: int, x0: Tensor) -> Optimizer:
+        """How the samples of x0 move between evaluations (the budget validated): PGD's fixed
         projected step."""
         return FixedSteps(eps, alpha, self.norm, self.bounds)
 
@@ -257,8 +255,8 @@ def run_attack(
     once per step; the stopping rule, consulted from step `min_steps` on, sees each evaluated
     point (its FOSC and logits) and moves some of it to the stopped set, which keeps those
     points; the optimizer sees the rest (APGD may move them back to their best points) and
-    they take a step. `y` holds the target labels
-    when `spec.targeted`. `observer` sees every evaluation.
+    they take a step. `y` holds the target labels when `spec.targeted`. `observer` sees every
+    evaluation.
     """
     eps, alpha, steps = validate(spec.eps, spec.step_size, spec.steps)
     norm, bounds = check_norm(spec.norm), spec.bounds
@@ -312,7 +310,7 @@ def run_attack(
             observer(k, active, logits, values, f)
         return grad, logits, values, f
 
-    opt = spec.optimizer(eps, alpha, steps, n, device)
+    opt = spec.optimizer(eps, alpha, steps, x0)
     with attack_mode(model, spec.eval_mode):
         for k in range(steps):
             grad, logits, values, f = evaluate(k)
