@@ -182,6 +182,46 @@ def test_standard_reports_every_component():
     assert set(res.time_s) >= set(names)
 
 
+class _NoGradient(torch.autograd.Function):
+    """Identity forward, zero gradient backward: a model whose gradients say nothing."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad)
+
+
+class Flat(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_NoGradient.apply(x))
+
+
+def test_square_beating_the_gradient_attacks_is_flagged_even_with_checks_off():
+    model = tiny_model()
+    x, y = tiny_data(model, 8)
+    honest = evaluate(
+        model, x, y, eps_list=[EPS], attacks=(), autoattack=True, checks=False, progress=False
+    )
+    res = honest.results[0]
+    assert res.checks["gradient_attacks_acc"] == res.attacks["autoattack/fab-t"].acc
+    assert res.checks["gradient_free_acc"] == res.attacks["autoattack"].acc
+    assert not any("Square" in w for w in honest.warnings)
+    masked = evaluate(
+        Flat(model), x, y, eps_list=[2 * EPS], attacks=(), autoattack=True, checks=False,
+        progress=False,
+    )  # fmt: skip
+    res = masked.results[0]  # the gradient attacks leave 8 of 8, Square 1
+    assert res.checks["gradient_attacks_acc"] == 1.0 and res.checks["gradient_free_acc"] < 0.5
+    assert sum("Square (gradient-free)" in w for w in masked.warnings) == 1
+
+
 @pytest.mark.parametrize(
     "flags,version",
     [([], "apgd"), (["--autoattack"], "standard"), (["--autoattack", "none"], "none")],

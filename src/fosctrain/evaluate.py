@@ -30,7 +30,9 @@ start value although PGD reaches 0% accuracy, while its relative FOSC falls from
 Sanity checks (on by default; fosctrain.masking states each rule and its threshold): FGSM
 against PGD, a stronger PGD, PGD at a large budget, the transfer attack against PGD, PGD's
 FOSC at the end against the start, and zero input gradients at the start. Each adds a
-warning with its numbers to `report.warnings`.
+warning with its numbers to `report.warnings`. Where the standard AutoAttack runs, Square's
+gain over its gradient attacks is checked too, from the suite's own results (no extra attack,
+so even with checks off).
 
 The other pieces live in rooms named after them: fosctrain.intervals (Wilson intervals),
 fosctrain.fosc (FOSC and relative FOSC of a point) and fosctrain.report (EvalReport,
@@ -482,6 +484,10 @@ def _evaluate_eps(ctx: _EpsContext, index: int, eps: float) -> tuple[EpsResult, 
     warnings: list[str] = []
     if ctx.checks:
         numbers, warnings = _eps_checks(ctx, index, eps, tally.accs, fosc, pgd_mask)
+    if ctx.autoattack == "standard":
+        free_numbers, free_warnings = _gradient_free_check(eps, tally.accs)
+        numbers.update(free_numbers)
+        warnings += free_warnings
     result = EpsResult(
         eps,
         Accuracy.of(ctx.clean),
@@ -523,6 +529,15 @@ def _eps_checks(
     if fosc:
         warnings += masking.fosc_warnings(eps, fosc)
     return numbers, warnings
+
+
+def _gradient_free_check(eps: float, accs: dict[str, Accuracy]) -> tuple[dict, list[str]]:
+    """Square's gain over the standard suite's gradient attacks (masking.gradient_free_warnings),
+    read from the suite's cumulative results: no attack is run, so it needs no `checks`."""
+    label = aa.LABELS["standard"]
+    gradient, square = accs[f"{label}/fab-t"].acc, accs[f"{label}/square"].acc
+    numbers = {"gradient_attacks_acc": gradient, "gradient_free_acc": square}
+    return numbers, masking.gradient_free_warnings(eps, gradient, square)
 
 
 def _stronger_pgd(ctx: _EpsContext, index: int, eps: float, pgd_mask: Tensor) -> dict:

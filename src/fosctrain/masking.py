@@ -16,6 +16,10 @@ Each check adds a warning with its numbers to `EvalReport.warnings`:
   whenever gradients grow as PGD climbs the loss): the attack has not converged.
 - The input gradient is exactly zero at PGD's random start for more than
   ZERO_GRAD_MAX (50%) of the examples: PGD cannot move (masked or saturated gradients).
+- Square (gradient-free, the standard AutoAttack's last component) lowers accuracy by more
+  than CHECK_MARGIN below what every gradient attack of the suite left: the gradients mislead
+  the attacks that follow them. Free: it reads the suite's own per-component results, so it
+  runs whenever the standard suite does, with or without the other checks.
 """
 
 from __future__ import annotations
@@ -95,6 +99,19 @@ def fosc_warnings(eps: float, fosc: dict[str, float]) -> list[str]:
             "inputs, or a saturated softmax; try the cw attack)"
         )
     return out
+
+
+def gradient_free_warnings(eps: float, gradient: float, square: float) -> list[str]:
+    """`gradient`: accuracy after the suite's gradient attacks (APGD-CE, APGD-T, FAB-T);
+    `square`: after Square as well."""
+    if gradient - square <= CHECK_MARGIN:
+        return []
+    return [
+        f"eps={eps:g}: Square (gradient-free) lowers accuracy from {gradient:.1%}, what every "
+        f"gradient attack of the suite left, to {square:.1%} (more than {CHECK_MARGIN:.0%}): "
+        "the model's gradients mislead gradient attacks (masking); trust only the full suite's "
+        "number, and not a gradient attack's alone"
+    ]
 
 
 def large_eps_warnings(numbers: dict, steps: int) -> list[str]:
