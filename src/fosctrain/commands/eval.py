@@ -107,7 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the same model, seed and batch size (its first --n examples) instead of running "
         "them again: a standard AutoAttack after an apgd evaluation",
     )
-    parser.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
+    parser.add_argument(
+        "--no-checks",
+        action="store_true",
+        help="skip the gradient-masking checks that run attacks of their own (Square against "
+        "the standard AutoAttack's gradient attacks is still checked: it costs nothing)",
+    )
     parser.add_argument("--out", help="output directory (default: RUN/eval; needed with --factory)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier eval.json in --out"
