@@ -13,6 +13,7 @@ from fosctrain.models import (
     create_model,
     list_models,
     register,
+    set_layout,
     wide_resnet,
 )
 
@@ -161,3 +162,31 @@ def test_register_adds_a_model() -> None:
             register("test-tiny-linear")(tiny)
     finally:
         MODELS.pop("test-tiny-linear")
+
+
+@pytest.mark.parametrize("name", ["mnist-cnn", "cifar-cnn8"])
+def test_channels_last_changes_only_the_layout(name):
+    """Logits, loss and input gradient (what an attack step uses) agree with the default
+    layout's to float rounding, and the state dict saved from it is the same weights."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.rand(8, *INPUT.get(name, (3, 32, 32)))
+    y = torch.arange(8) % 10
+
+    def loss_and_grad(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xi = x.clone().requires_grad_(True)
+        logits = m(xi)
+        loss = nn.functional.cross_entropy(logits, y)
+        return logits, loss, torch.autograd.grad(loss, xi)[0]
+
+    before = loss_and_grad(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = set_layout(model, True)
+    conv = [m for m in fast.modules() if isinstance(m, nn.Conv2d)][-1]  # more than 1 input
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    for a, b in zip(before, loss_and_grad(fast), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(weights[k], v) for k, v in fast.state_dict().items())
+    set_layout(fast, False)  # in place, as nn.Module.to is
+    assert conv.weight.is_contiguous()

@@ -35,6 +35,7 @@ from fosctrain.checkpoint import load_latest_valid
 from fosctrain.config import METHODS, Config, resolve
 from fosctrain.errors import UserError
 from fosctrain.models import create_model
+from fosctrain.rundir import load_model
 from fosctrain.train import set_lr
 from fosctrain.trainer import create_optimizer
 
@@ -401,10 +402,28 @@ def weights_digest(path) -> str:
 
 @pytest.mark.parametrize("name", sorted(PINNED_WEIGHTS))
 def test_weights_are_bit_identical_to_the_pinned_digest(tmp_path, name):
-    pinned = {**SMALL, "threads": 1, "test_attack": "none"}
+    pinned = {**SMALL, "threads": 1, "test_attack": "none", "channels_last": False}
     if name == "default":
         pinned.pop("steps")  # the method's own default budget
     else:
         pinned["method"] = name
     train_mod.train(resolve(overrides=pinned), tmp_path / name, progress=False)
     assert weights_digest(tmp_path / name / "last.safetensors") == PINNED_WEIGHTS[name]
+
+
+def test_the_channels_last_layout_trains_reproducibly(tmp_path):
+    """Today's default layout (the pinned digests above keep the old one): two runs give
+    bit-identical weights, and its checkpoints load into a model of either layout."""
+    config = resolve(overrides={**SMALL, "threads": 1, "test_attack": "none"})
+    assert config.channels_last
+    digests = []
+    for name in ("a", "b"):
+        train_mod.train(config, tmp_path / name, progress=False)
+        digests.append(weights_digest(tmp_path / name / "last.safetensors"))
+    assert digests[0] == digests[1]
+    x = torch.rand(4, 1, 28, 28)
+    logits = [
+        load_model(tmp_path / "a", "last", channels_last=layout).model(x)
+        for layout in (True, False)
+    ]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)

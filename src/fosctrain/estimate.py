@@ -33,6 +33,7 @@ from fosctrain.data import DATASETS
 from fosctrain.evaluate import CW_STEPS, PGD_STEPS
 from fosctrain.masking import CHECK_N
 from fosctrain.methods import create_method
+from fosctrain.models import set_layout
 from fosctrain.reproduce import status
 from fosctrain.rundir import build_model
 
@@ -104,7 +105,7 @@ def measure_speed(config: Config) -> Speed:
     # lazy: only --dry-run counts FLOPs, and the counter pulls in torch's dispatch machinery
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build_model(config.to_dict())
+    model = set_layout(build_model(config.to_dict()), config.channels_last)
     big = sum(p.numel() for p in model.parameters()) > 5_000_000
     batch = 2 if big else config.batch_size
     x = torch.rand(batch, *DATASETS[config.dataset].shape)

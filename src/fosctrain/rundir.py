@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fosctrain.errors import UserError
-from fosctrain.models import create_model
+from fosctrain.models import create_model, set_layout
 from fosctrain.weights import fit_weights, load_weights
 
 try:
@@ -139,11 +139,13 @@ def load_model(
     which: str = "best",
     config: dict | None = None,
     device: str | torch.device = "cpu",
+    channels_last: bool = True,
 ) -> LoadedModel:
     """The trained model of a run directory (its `which` checkpoint) or of a checkpoint file
-    inside a run directory; `config` overrides the run's config.json (e.g. for a lone file)."""
+    inside a run directory; `config` overrides the run's config.json (e.g. for a lone file).
+    `channels_last`: the faster memory layout (models.set_layout), whatever the run trained in."""
     run_dir, ckpt = resolve_checkpoint(path, which)
     config = config if config is not None else read_config(run_dir)
     model = build_model(config)
     fit_weights(model, load_weights(ckpt), ckpt, config["model"])
-    return LoadedModel(model.to(device).eval(), config, ckpt)
+    return LoadedModel(set_layout(model.to(device), channels_last).eval(), config, ckpt)

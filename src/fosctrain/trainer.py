@@ -37,6 +37,7 @@ from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
 from fosctrain.logs import TensorBoard
 from fosctrain.methods import METHODS, Method, create_method
+from fosctrain.models import set_layout
 from fosctrain.rundir import LOCK_NAME, RunLock, build_model
 from fosctrain.validation import final_words, val_words
 
@@ -219,7 +220,7 @@ def _build(
         torch.set_num_threads(config.threads)
     device = dist.device if dist.enabled else select_device(config.device)
     torch.manual_seed(config.seed)
-    model = build_model(config.to_dict()).to(device)
+    model = set_layout(build_model(config.to_dict()).to(device), config.channels_last)
     if config.sync_bn and dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer(config, model)
