@@ -402,7 +402,7 @@ def weights_digest(path) -> str:
 
 @pytest.mark.parametrize("name", sorted(PINNED_WEIGHTS))
 def test_weights_are_bit_identical_to_the_pinned_digest(tmp_path, name):
-    pinned = {**SMALL, "threads": 1, "test_attack": "none", "channels_last": False}
+    pinned = {**SMALL, "threads": 1, "test_attack": "none"}
     if name == "default":
         pinned.pop("steps")  # the method's own default budget
     else:
@@ -412,10 +412,11 @@ def test_weights_are_bit_identical_to_the_pinned_digest(tmp_path, name):
 
 
 def test_the_channels_last_layout_trains_reproducibly(tmp_path):
-    """Today's default layout (the pinned digests above keep the old one): two runs give
-    bit-identical weights, and its checkpoints load into a model of either layout."""
-    config = resolve(overrides={**SMALL, "threads": 1, "test_attack": "none"})
-    assert config.channels_last
+    """--channels-last: two runs give bit-identical weights, and its checkpoints load into a
+    model of either layout."""
+    config = resolve(
+        overrides={**SMALL, "threads": 1, "test_attack": "none", "channels_last": True}
+    )
     digests = []
     for name in ("a", "b"):
         train_mod.train(config, tmp_path / name, progress=False)

@@ -67,9 +67,6 @@ class Experiment:
     notes: list[str] = field(default_factory=list)
     budgets: bool = False  # checkpoints every scale.budget_every evaluations, each scored
     seed_major: bool = False  # run seed 0 of every configuration first (decisive pairs early)
-    # every run's memory layout (Config.channels_last, 1.4-1.7x faster on CPU): an experiment
-    # whose axis is training seconds keeps the one its first runs trained in
-    channels_last: bool = True
 
 
 SMOKE_BASE = dict(
@@ -319,7 +316,6 @@ EXPERIMENTS: dict[str, Experiment] = {
             autoattack=True,
             budgets=True,
             seed_major=True,
-            channels_last=False,  # its curves' seconds: the runs of 2026-12-02/03 trained so
         ),
     )
 }

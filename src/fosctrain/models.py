@@ -6,6 +6,7 @@ is a `Normalize` first layer inside the model, so attacks always work in [0, 1] 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 
@@ -76,6 +77,14 @@ def set_layout(model: nn.Module, channels_last: bool) -> nn.Module:
     Checkpoints are written in the default layout, so either kind of model loads either."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(memory_format=fmt)
+
+
+def eval_copy(model: nn.Module) -> nn.Module:
+    """A channels-last copy of the model in eval mode, for attacks that only read it
+    (validation, the final report): as precise as the default layout in eval mode and
+    1.3-1.5x faster on CPU, and the training model's own layout and tensors stay untouched
+    (BatchNorm's channels-last training kernel is ~30x less precise, see Config.channels_last)."""
+    return set_layout(copy.deepcopy(model), True).eval()
 
 
 def _check_options(name: str, factory: ModelFactory, options: dict) -> None:

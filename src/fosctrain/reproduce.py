@@ -154,7 +154,6 @@ def make_plan(
         # suite (APGD-T on all 9 targets) on the same digits
         values = {**overrides(exp, sc, config_name), **extra, "seed": seed}
         values["test_attack"] = "none"
-        values["channels_last"] = exp.channels_last
         if exp.budgets:
             values["budget_every"] = sc.budget_every
         run_dir = out / "runs" / f"{config_name}-s{seed}"

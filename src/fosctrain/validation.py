@@ -39,6 +39,7 @@ from fosctrain.allocator import keep_freed_memory
 from fosctrain.attacks import create_attack
 from fosctrain.distributed import Dist
 from fosctrain.errors import UserError
+from fosctrain.models import eval_copy
 
 CHUNK = 500  # examples per attack call
 TEST_ATTACKS = ("none", "apgd-ce", "apgd")
@@ -164,8 +165,7 @@ def _score(
     dist = dist or Dist()
     gen = torch.Generator().manual_seed(seed)
     counts = {"clean": 0, "pgd": 0, "apgd": 0, "worst": 0}
-    was_training = model.training
-    model.eval()
+    model = eval_copy(model)  # channels-last, 1.3-1.5x faster; the training model untouched
     for i in range(0, len(y), CHUNK):
         n_chunk = len(y[i : i + CHUNK])
         lo, hi = dist.shard(n_chunk)
@@ -182,6 +182,5 @@ def _score(
             strong = _apgd_mask(model, xb, yb, clean, config, version, steps) if len(yb) else clean
             counts["apgd"] += int(strong.sum())
             counts["worst"] += int((strong & pgd).sum()) if pgd is not None else 0
-    model.train(was_training)
     keys = list(counts)
     return dict(zip(keys, dist.sum([counts[k] for k in keys]), strict=True))
