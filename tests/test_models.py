@@ -11,6 +11,7 @@ from fosctrain.models import (
     MODELS,
     Normalize,
     create_model,
+    eval_copy,
     list_models,
     register,
     set_layout,
@@ -190,3 +191,15 @@ def test_channels_last_changes_only_the_layout(name):
     assert all(torch.equal(weights[k], v) for k, v in fast.state_dict().items())
     set_layout(fast, False)  # in place, as nn.Module.to is
     assert conv.weight.is_contiguous()
+
+
+def test_eval_copy_attacks_in_channels_last_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = create_model("mnist-cnn").train()
+    copy = eval_copy(model)
+    convs = [[m for m in net.modules() if isinstance(m, nn.Conv2d)][-1] for net in (model, copy)]
+    assert model.training and not copy.training
+    assert convs[0].weight.is_contiguous() and not convs[1].weight.is_contiguous()
+    assert convs[0].weight is not convs[1].weight
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(copy(x), model.eval()(x), rtol=1e-4, atol=1e-6)

@@ -143,9 +143,11 @@ def load_model(
 ) -> LoadedModel:
     """The trained model of a run directory (its `which` checkpoint) or of a checkpoint file
     inside a run directory; `config` overrides the run's config.json (e.g. for a lone file).
-    `channels_last`: the faster memory layout (models.set_layout), whatever the run trained in."""
+    `channels_last`: on CPU, the faster memory layout (models.set_layout), whatever the run
+    trained in; on a GPU, where it was never measured, the default layout regardless."""
     run_dir, ckpt = resolve_checkpoint(path, which)
     config = config if config is not None else read_config(run_dir)
     model = build_model(config)
     fit_weights(model, load_weights(ckpt), ckpt, config["model"])
-    return LoadedModel(set_layout(model.to(device), channels_last).eval(), config, ckpt)
+    on_cpu = torch.device(device).type == "cpu"
+    return LoadedModel(set_layout(model.to(device), channels_last and on_cpu).eval(), config, ckpt)
