@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fosctrain.device import model_device
 from fosctrain.errors import UserError, check_positive
 
 ModelFactory = Callable[..., nn.Module]
@@ -86,8 +87,7 @@ def eval_copy(model: nn.Module) -> nn.Module:
     faster there (on a GPU it was never measured, so the layout stays). The training model's
     own layout and tensors stay untouched (BatchNorm's channels-last training kernel is ~30x
     less precise, see Config.channels_last)."""
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    return set_layout(copy.deepcopy(model), on_cpu).eval()
+    return set_layout(copy.deepcopy(model), model_device(model).type == "cpu").eval()
 
 
 def _check_options(name: str, factory: ModelFactory, options: dict) -> None:
