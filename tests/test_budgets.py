@@ -15,6 +15,7 @@ import torch
 from conftest import small_run, stop_after
 from safetensors.torch import load_file
 
+from fosctrain import figures
 from fosctrain import train as train_mod
 from fosctrain.budgets import at_seconds, collect_budgets, curve, read_scores, summarize_budgets
 from fosctrain.checkpoint import MODEL_PREFIX
@@ -255,3 +256,29 @@ def test_budget_summary_is_the_mean_and_t_interval_over_seeds():
     assert first["apgd_mean"] == pytest.approx(0.54)
     half = 4.302652729749464 * 0.04 / math.sqrt(3)  # t_{0.975, 2} x std / sqrt(n)
     assert first["apgd_ci_high"] - first["apgd_mean"] == pytest.approx(half)
+
+
+def _seed_rows(config, accs):
+    return [{"config": config, "seed": seed, "checkpoint": c, "budget": b, "grad_evals": g,
+             "time_s": 2 * t, "cpu_s": t, "clean": 0.9, "pgd": 0.6, "apgd": a, "worst": a}
+            for seed, acc in enumerate(accs)
+            for c, b, g, t, a in (("budget-000000300", 300, 352, 1.0 + seed, acc / 2),
+                                  ("last", math.nan, 704, 4.0, acc))]  # fmt: skip
+
+
+def test_time_to_robustness_figure_draws_the_mean_and_each_seed(tmp_path, monkeypatch):
+    plan = make_plan("time-to-robustness", "smoke", "/tmp/x", seeds=3, configs=["dat", "madry-k10"])
+    rows = _seed_rows("dat", (0.5, 0.6, 0.7)) + _seed_rows("madry-k10", (0.8,))
+    axes = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: axes.extend(fig.axes) or path)
+    figures.plot_time_to_robustness(summarize_budgets(plan, rows), rows, tmp_path / "t.png")
+    for ax, x in zip(axes, (1, 0), strict=True):  # training CPU seconds, then evaluations
+        lines = ax.get_lines()
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "dat (3 seeds)", "madry-k10 (1 seed)"]  # fmt: skip
+        assert len(lines) == 1 + 3 + 1  # dat's mean and seeds; madry's one seed is its mean
+        mean, seeds = lines[0], lines[1:4]
+        assert list(mean.get_ydata()) == pytest.approx([30.0, 60.0])
+        ys = [y for s in seeds for y in s.get_ydata()]
+        assert ys == pytest.approx([25.0, 50.0, 30.0, 60.0, 35.0, 70.0])
+        assert list(seeds[2].get_xdata()) == ([3.0, 4.0] if x else [352, 704])

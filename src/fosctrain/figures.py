@@ -6,7 +6,8 @@
     fosc-over-training  FOSC of the training examples per epoch (madry vs dat), and bars
     bars                accuracy per configuration (clean, APGD-CE+T, PGD-20)
     time-to-robustness  APGD-CE+T of the budget checkpoints against training seconds and
-                        against gradient evaluations (fosctrain.budgets), and bars
+                        against gradient evaluations (fosctrain.budgets): the mean over
+                        seeds and each seed's curve; and bars
 
 Error bars are 95% t-intervals over seeds (none with one seed).
 """
@@ -17,7 +18,7 @@ import math
 from pathlib import Path
 
 from fosctrain.aggregate import ACCURACIES, LABELS, measure_paths
-from fosctrain.budgets import curve
+from fosctrain.budgets import collect_budgets, curve
 from fosctrain.errors import UserError
 from fosctrain.measure import MeasureResult
 from fosctrain.plots import add_legend, new_figure, read_metrics, save_figure, style_axes
@@ -124,20 +125,24 @@ def plot_fosc_over_training(plan: Plan, path: Path, configs=("madry", "dat")) ->
 AXES = (("cpu_s", "training CPU seconds (one thread)"), ("grad_evals", "gradient evaluations"))
 
 
-def plot_time_to_robustness(budgets: list[dict], path: Path) -> Path:
+def plot_time_to_robustness(summary: list[dict], rows: list[dict], path: Path) -> Path:
     """APGD-CE+T of the budget checkpoints against training CPU seconds and against gradient
-    evaluations, one curve per configuration (mean and 95% t-interval band over seeds)."""
+    evaluations, one curve per configuration: the mean over seeds (bold, the legend says how
+    many) and each seed's own curve (thin). No t-interval band: with 2 or 3 seeds it spans
+    more than the whole axis, where the seeds themselves show the spread."""
     fig = new_figure(12, 5)
     for ax, (x, label) in zip(fig.subplots(1, 2), AXES, strict=True):
-        for i, name in enumerate(dict.fromkeys(e["config"] for e in budgets)):
-            points = sorted(curve(budgets, name), key=lambda e: e[f"{x}_mean"])
-            xs = [e[f"{x}_mean"] for e in points]
-            ys = [100 * e["apgd_mean"] for e in points]
-            ax.plot(xs, ys, marker="o", color=f"C{i}", label=name)
-            lo = [100 * e["apgd_ci_low"] for e in points]
-            hi = [100 * e["apgd_ci_high"] for e in points]
-            if not any(math.isnan(v) for v in lo):
-                ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        for i, name in enumerate(dict.fromkeys(e["config"] for e in summary)):
+            points = sorted(curve(summary, name), key=lambda e: e[f"{x}_mean"])
+            seeds = max(e["seeds"] for e in points)
+            xs, ys = [e[f"{x}_mean"] for e in points], [100 * e["apgd_mean"] for e in points]
+            tag = f"{name} ({seeds} seed{'s' if seeds > 1 else ''})"
+            ax.plot(xs, ys, marker="o", lw=2, color=f"C{i}", label=tag)
+            mine = [r for r in rows if r["config"] == name]
+            for seed in sorted({r["seed"] for r in mine}) if seeds > 1 else []:
+                own = sorted((r for r in mine if r["seed"] == seed), key=lambda r: r[x])
+                own_y = [100 * r["apgd"] for r in own]
+                ax.plot([r[x] for r in own], own_y, lw=0.8, alpha=0.4, color=f"C{i}")
         style_axes(ax, f"Robust accuracy against {label}", label, "APGD-CE+T accuracy (%)")
         add_legend(ax)
     return save_figure(fig, path)
@@ -149,7 +154,8 @@ def write_figures(plan: Plan, summary: list[dict], budgets: list[dict] | None = 
     out, kind = plan.out, plan.experiment.figure
     curves = []
     if kind == "time-to-robustness" and budgets:  # scored checkpoints, finished runs or not
-        curves = [plot_time_to_robustness(budgets, out / "time_to_robustness.png")]
+        rows = collect_budgets(plan)
+        curves = [plot_time_to_robustness(budgets, rows, out / "time_to_robustness.png")]
     if not any(e["seeds"] for e in summary):
         return curves
     if kind == "time-to-robustness":
