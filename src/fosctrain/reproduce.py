@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from fosctrain.checkpoint import TENSOR_SUFFIX
 from fosctrain.config import Config, resolve
 from fosctrain.data import fixed_subset, load_dataset
 from fosctrain.errors import UserError
@@ -219,11 +220,26 @@ def _trained_runs(source: Path, scale: str) -> dict[str, Path]:
     return runs
 
 
+def completable(source: Path, spec: EvalSpec) -> bool:
+    """Whether a trained run copied from `source` can be finished: it holds every output
+    `spec` asks for, or the checkpoints that make what it lacks. Records committed without
+    their weights (docs/*/runs) hold neither for a run that was still being evaluated."""
+    if all((source / f).is_file() for f in spec.outputs()):
+        return True
+    needed = {"last"}
+    if spec.budgets and not (source / BUDGET_SCORES).is_file():
+        names = (e["checkpoint"] for e in budget_checkpoints(source))
+        needed |= {c for c in names if not (source / BUDGET_DIR / c / "eval.json").is_file()}
+    return all((source / f"{name}{TENSOR_SUFFIX}").is_file() for name in needed)
+
+
 def reuse_runs(plan: Plan, sources: list[str | Path], log=print) -> int:
     """Copy into `plan` every run it has not started that a source directory (another
-    experiment at the same scale) trained with the identical configuration and seed; the copy
-    keeps the source's evaluations (same scale, same evaluation) and gets what it lacks later.
-    Returns the number of runs copied."""
+    experiment at the same scale, or the committed records of this one) trained with the
+    identical configuration and seed; the copy keeps the source's evaluations (same scale,
+    same evaluation) and gets what it lacks later. A source run that is not finished and has
+    lost its checkpoints is not copied: the plan trains it again. Returns the number of runs
+    copied."""
     known: dict[str, Path] = {}
     for source in sources:
         known.update(_trained_runs(Path(source), plan.scale.name))
@@ -232,6 +248,10 @@ def reuse_runs(plan: Plan, sources: list[str | Path], log=print) -> int:
     for run in plan.runs:
         key = plan.config(run).hash()
         if status(run) != "todo" or key not in known or run.dir.exists():
+            continue
+        if not completable(known[key], run.spec):
+            log(f"{run.name}: not reused: {known[key]} is not finished and lacks the "
+                "checkpoints to finish it; trained here")  # fmt: skip
             continue
         tmp = run.dir.with_name(f".{run.dir.name}.reuse.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
