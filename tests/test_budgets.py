@@ -266,19 +266,19 @@ def _seed_rows(config, accs):
                                   ("last", math.nan, 704, 4.0, acc))]  # fmt: skip
 
 
-def test_time_to_robustness_figure_draws_the_mean_and_each_seed(tmp_path, monkeypatch):
+def test_time_to_robustness_figure_draws_the_mean_and_the_range_of_the_seeds(tmp_path, monkeypatch):
     plan = make_plan("time-to-robustness", "smoke", "/tmp/x", seeds=3, configs=["dat", "madry-k10"])
     rows = _seed_rows("dat", (0.5, 0.6, 0.7)) + _seed_rows("madry-k10", (0.8,))
     axes = []
     monkeypatch.setattr(figures, "save_figure", lambda fig, path: axes.extend(fig.axes) or path)
     figures.plot_time_to_robustness(summarize_budgets(plan, rows), rows, tmp_path / "t.png")
-    for ax, x in zip(axes, (1, 0), strict=True):  # training CPU seconds, then evaluations
-        lines = ax.get_lines()
+    for ax, xs in zip(axes, ([2.0, 4.0], [352, 704]), strict=True):  # CPU seconds, evaluations
         assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-            "dat (3 seeds)", "madry-k10 (1 seed)"]  # fmt: skip
-        assert len(lines) == 1 + 3 + 1  # dat's mean and seeds; madry's one seed is its mean
-        mean, seeds = lines[0], lines[1:4]
-        assert list(mean.get_ydata()) == pytest.approx([30.0, 60.0])
-        ys = [y for s in seeds for y in s.get_ydata()]
-        assert ys == pytest.approx([25.0, 50.0, 30.0, 60.0, 35.0, 70.0])
-        assert list(seeds[2].get_xdata()) == ([3.0, 4.0] if x else [352, 704])
+            "dat (3 seeds, band: their range)", "madry-k10 (1 seed)"]  # fmt: skip
+        dat, madry = ax.get_lines()
+        assert list(dat.get_xdata()) == pytest.approx(xs)
+        assert list(dat.get_ydata()) == pytest.approx([30.0, 60.0])
+        assert list(madry.get_ydata()) == pytest.approx([40.0, 80.0])
+        (band,) = ax.collections  # one band: dat's; madry's one seed has none
+        ys = band.get_paths()[0].vertices[:, 1]
+        assert sorted({round(float(y), 6) for y in ys}) == pytest.approx([25.0, 35.0, 50.0, 70.0])
