@@ -269,12 +269,13 @@ def _seed_rows(config, accs):
 def test_time_to_robustness_figure_draws_the_mean_and_the_range_of_the_seeds(tmp_path, monkeypatch):
     plan = make_plan("time-to-robustness", "smoke", "/tmp/x", seeds=3, configs=["dat", "madry-k10"])
     rows = _seed_rows("dat", (0.5, 0.6, 0.7)) + _seed_rows("madry-k10", (0.8,))
-    axes = []
-    monkeypatch.setattr(figures, "save_figure", lambda fig, path: axes.extend(fig.axes) or path)
+    figs = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: figs.append(fig) or path)
     figures.plot_time_to_robustness(summarize_budgets(plan, rows), rows, tmp_path / "t.png")
-    for ax, xs in zip(axes, ([2.0, 4.0], [352, 704]), strict=True):  # CPU seconds, evaluations
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-            "dat (3 seeds, band: their range)", "madry-k10 (1 seed)"]  # fmt: skip
+    (legend,) = figs[0].legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "dat (3 seeds, band: their range)", "madry-k10 (1 seed)"]  # fmt: skip
+    for ax, xs in zip(figs[0].axes, ([2.0, 4.0], [352, 704]), strict=True):  # CPU s, evaluations
         dat, madry = ax.get_lines()
         assert list(dat.get_xdata()) == pytest.approx(xs)
         assert list(dat.get_ydata()) == pytest.approx([30.0, 60.0])

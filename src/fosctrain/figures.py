@@ -131,8 +131,9 @@ def plot_time_to_robustness(summary: list[dict], rows: list[dict], path: Path) -
     evaluations, one curve per configuration: the mean over seeds, and a band from the lowest
     to the highest seed at each checkpoint (the legend says how many seeds). The range, not a
     t-interval: with 3 seeds a 95% t-interval is wider than the whole axis."""
-    fig = new_figure(12, 5)
-    for ax, (x, label) in zip(fig.subplots(1, 2), AXES, strict=True):
+    fig = new_figure(12, 5.5)
+    axes = fig.subplots(1, 2)
+    for ax, (x, label) in zip(axes, AXES, strict=True):
         for i, name in enumerate(dict.fromkeys(e["config"] for e in summary)):
             points = sorted(curve(summary, name), key=lambda e: e[f"{x}_mean"])
             seeds = max(e["seeds"] for e in points)
@@ -146,7 +147,8 @@ def plot_time_to_robustness(summary: list[dict], rows: list[dict], path: Path) -
                 ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs],
                                 color=f"C{i}", alpha=0.15)  # fmt: skip
         style_axes(ax, f"Robust accuracy against {label}", label, "APGD-CE+T accuracy (%)")
-        add_legend(ax)
+    handles, labels = axes[0].get_legend_handles_labels()  # one legend, below: off the curves
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize="small")
     return save_figure(fig, path)
 
 
