@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import sys
 from pathlib import Path
 
 RECORDS = {".json", ".csv", ".md"}
@@ -53,6 +54,10 @@ def main() -> None:
     parser.add_argument("dest", type=Path, help="where its records go")
     parser.add_argument("--figure", nargs=2, metavar=("NAME", "TO"), help="also copy a figure")
     args = parser.parse_args()
+    if not (args.out / "experiment.json").is_file():
+        print(f"sync_records: {args.out} is not a fosc reproduce directory (no experiment.json)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     print(f"{sync(args.out, args.dest)} record files -> {args.dest}")
     if args.figure:
         shutil.copy2(args.out / args.figure[0], args.figure[1])

@@ -272,6 +272,17 @@ def test_reuse_from_records_without_weights_retrains_only_the_unfinished(smoke, 
     assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["finished"] * 2
 
 
+def test_sync_records_refuses_a_directory_that_is_not_a_reproduce_one(tmp_path):
+    cmd = [sys.executable, str(_SYNC), str(tmp_path / "nothing"), str(tmp_path / "dest")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line == f"sync_records: {tmp_path / 'nothing'} is not a fosc reproduce directory " + (
+        "(no experiment.json)"
+    )
+    assert not (tmp_path / "dest").exists()
+
+
 @pytest.mark.parametrize("scale", ["small", "default"])
 def test_methods_and_fosc_schedule_share_the_frontiers_runs(tmp_path, scale):
     """Every configuration of methods (but natural) and fosc-schedule's T' = 5T/6 ones are the
