@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fosctrain.errors import UserError
-from fosctrain.models import create_model, set_layout
+from fosctrain.models import create_model, eval_layout
 from fosctrain.weights import fit_weights, load_weights
 
 try:
@@ -143,11 +143,10 @@ def load_model(
 ) -> LoadedModel:
     """The trained model of a run directory (its `which` checkpoint) or of a checkpoint file
     inside a run directory; `config` overrides the run's config.json (e.g. for a lone file).
-    `channels_last`: on CPU, the faster memory layout (models.set_layout), whatever the run
+    `channels_last`: on CPU, the faster memory layout (models.eval_layout), whatever the run
     trained in; on a GPU, where it was never measured, the default layout regardless."""
     run_dir, ckpt = resolve_checkpoint(path, which)
     config = config if config is not None else read_config(run_dir)
     model = build_model(config)
     fit_weights(model, load_weights(ckpt), ckpt, config["model"])
-    on_cpu = torch.device(device).type == "cpu"
-    return LoadedModel(set_layout(model.to(device), channels_last and on_cpu).eval(), config, ckpt)
+    return LoadedModel(eval_layout(model.to(device), channels_last), config, ckpt)
