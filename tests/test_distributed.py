@@ -267,3 +267,56 @@ def test_compiled_training_step_matches_eager(tmp_path):
     for key in ("train_loss", "fosc_mean"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-3), key
     assert compiled["val_clean_acc"] == eager["val_clean_acc"]
+
+
+# Run in a fresh interpreter: with WORLD_SIZE set (as torchrun sets it) the command line's exit
+# must skip interpreter finalization (distributed.leave), keeping its status and its output.
+ENTRY = """
+import atexit, sys
+atexit.register(lambda: print("finalized"))
+sys.argv = ["fosc", "train", "--nproc", "2", "--epochs", "1"]
+from fosctrain.cli import entry
+entry()
+"""
+
+# Why: once DDP wrapped a model, destroy_process_group leaves gloo's worker threads running
+# (torch 2.13), and a rank that finalizes the interpreter beside them can abort (leave's
+# docstring). Native threads are counted before and after, in a world of one process.
+THREADS = """
+import os, sys, torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+count = lambda: len(os.listdir("/proc/self/task"))
+before = count()
+dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+if sys.argv[1] == "ddp":
+    DDP(torch.nn.Linear(2, 2))
+dist.destroy_process_group()
+print(count() - before)
+"""
+
+
+def python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    cmd = [sys.executable, "-c", code, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_rank_exits_with_its_status_and_output_but_without_finalizing():
+    rank = python(ENTRY, WORLD_SIZE="2", RANK="0")
+    assert rank.returncode == 2
+    assert rank.stderr.count("\n") == 1 and "under torchrun" in rank.stderr
+    assert "finalized" not in rank.stdout
+    single = python(ENTRY.replace('"--nproc", "2", ', '"--nproc", "0", '))
+    assert single.returncode == 2 and "--nproc" in single.stderr
+    assert single.stdout == "finalized\n"  # outside torchrun the exit is Python's own
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_ddp_keeps_gloo_threads_after_destroy_process_group():
+    """The reason for distributed.leave: should a torch release join gloo's threads on
+    destroy_process_group also after DDP, this fails and leave may go."""
+    plain, ddp = python(THREADS, "plain"), python(THREADS, "ddp")
+    assert plain.returncode == 0 and ddp.returncode == 0, plain.stderr + ddp.stderr
+    assert int(plain.stdout) == 0
+    assert int(ddp.stdout) >= 2  # gloo's transport loop and its worker threads

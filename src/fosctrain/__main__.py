@@ -1,5 +1,5 @@
-"""`python -m fosctrain` runs the `fosc` command line."""
+"""`python -m fosctrain` runs the `fosc` command line; torchrun starts each rank this way."""
 
-from fosctrain.cli import main
+from fosctrain.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from typing import NoReturn
 
 from fosctrain import __version__
 from fosctrain.errors import UserError
@@ -68,3 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fosc: interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> NoReturn:
+    """The `fosc` console script and `python -m fosctrain`: main(), exit with its status. A rank
+    of a data-parallel run (torchrun set WORLD_SIZE) exits through distributed.leave."""
+    status = main()
+    if "WORLD_SIZE" in os.environ:  # lazy: only torchrun's ranks load torch.distributed here
+        from fosctrain import distributed
+
+        if distributed.under_launcher():
+            distributed.leave(status)
+    raise SystemExit(status)
