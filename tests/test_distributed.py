@@ -44,8 +44,8 @@ def flags(options: dict) -> list[str]:
     return train_cmd.to_flags({**options, "threads": 1}) + ["--no-progress"]
 
 
-def launch(cmd: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def launch(cmd: list[str], cwd=None, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -297,9 +297,7 @@ print(count() - before)
 
 
 def python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    cmd = [sys.executable, "-c", code, *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return launch([sys.executable, "-c", code, *args], **env)
 
 
 def test_a_rank_exits_with_its_status_and_output_but_without_finalizing():
