@@ -15,7 +15,7 @@ import torch
 from conftest import small_run, stop_after
 from safetensors.torch import load_file
 
-from fosctrain import figures
+from fosctrain import aggregate, figures
 from fosctrain import train as train_mod
 from fosctrain.budgets import at_seconds, collect_budgets, curve, read_scores, summarize_budgets
 from fosctrain.checkpoint import MODEL_PREFIX
@@ -205,6 +205,37 @@ def test_time_to_robustness_smoke_scores_every_checkpoint_and_resumes(tmp_path, 
     shutil.rmtree(out / "runs" / "dat-s0" / "eval-autoattack")  # scored, AutoAttack to come
     plan = make_plan("time-to-robustness", "smoke", out, configs=["madry-k10", "dat"])
     assert {r["config"] for r in collect_budgets(plan)} == {"dat", "madry-k10"}
+
+
+def test_seconds_of_a_run_trained_on_a_gpu_stay_off_the_cpu_seconds_axis(tmp_path):
+    """summary.json records the device; a run trained on a GPU keeps its evaluations and
+    accuracies in the tables but not its seconds (another machine's), in budgets.csv and in
+    results.csv alike."""
+    out = tmp_path / "ttr"
+    argv = ["reproduce", "time-to-robustness", "--scale", "smoke", "--out", str(out),
+            "--configs", "madry-k10", "--seeds", "2"]  # fmt: skip
+    assert main(argv) == 0
+    plan = make_plan("time-to-robustness", "smoke", out, seeds=2, configs=["madry-k10"])
+    path = out / "runs" / "madry-k10-s1" / "summary.json"
+    summary = json.loads(path.read_text())
+    assert summary["device"] == "cpu"
+    before = collect_budgets(plan)
+    path.write_text(json.dumps({**summary, "device": "cuda:0 NVIDIA H200"}))
+    after = collect_budgets(plan)
+    assert [r["device"] for r in after] == ["cpu"] * (len(after) // 2) + [
+        "cuda:0 NVIDIA H200"] * (len(after) // 2)  # fmt: skip
+    for old, new in zip(before, after, strict=True):
+        gpu = new["device"] != "cpu"
+        assert all(math.isnan(new[k]) == gpu for k in ("time_s", "cpu_s"))
+        assert {k: v for k, v in old.items() if k not in ("time_s", "cpu_s", "device")} == {
+            k: v for k, v in new.items() if k not in ("time_s", "cpu_s", "device")}  # fmt: skip
+    summary_rows = summarize_budgets(plan, after)
+    cpu_only = [r for r in after if r["device"] == "cpu"]
+    assert [e["cpu_s_mean"] for e in summary_rows] == [r["cpu_s"] for r in cpu_only]
+    assert all(e["seeds"] == 2 for e in summary_rows)
+    rows = {r["seed"]: r for r in aggregate.collect(plan)}
+    assert math.isnan(rows[1]["train_time_s"]) and rows[1]["device"] == "cuda:0 NVIDIA H200"
+    assert rows[0]["train_time_s"] > 0 and rows[0]["device"] == "cpu"
 
 
 def test_print_commands_score_the_budget_checkpoints_as_reproduce_does(tmp_path, capsys):

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,23 @@ def test_reuse_from_records_without_weights_retrains_only_the_unfinished(smoke, 
               for d in (retrained, records / "runs" / "natural-s0")]  # fmt: skip
     assert losses[0] == losses[1]
     assert [r["status"] for r in read_csv(tmp_path / "out" / "results.csv")] == ["finished"] * 2
+
+
+def test_reuse_takes_the_finished_one_of_two_source_runs_with_one_configuration(
+    smoke, tmp_path, capsys
+):
+    """A kept copy of a run trained before a fix (records only, not finished) shares the
+    retrained run's configuration hash; whichever sorts last, the finished one is reused."""
+    records = tmp_path / "records"
+    sync_records.sync(smoke("fosc-vs-steps"), records)
+    kept = records / "runs" / "madry-s0-old"
+    shutil.copytree(records / "runs" / "madry-s0", kept)
+    (kept / "measure" / "measure.csv").unlink()
+    capsys.readouterr()
+    assert reproduce("fosc-vs-steps", tmp_path / "out", "--reuse", str(records)) == 0
+    err = capsys.readouterr().err
+    assert f"madry-s0: reused {records / 'runs' / 'madry-s0'}" in err
+    assert "2 of 2 runs finished, 0 to run" in err
 
 
 def test_sync_records_refuses_a_directory_that_is_not_a_reproduce_one(tmp_path):

@@ -16,6 +16,7 @@ from typing import Any
 
 from scipy import stats
 
+from fosctrain.device import on_cpu
 from fosctrain.evaluate import PGD_STEPS
 from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
@@ -34,7 +35,8 @@ LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd": f"PGD-{PGD_STEPS}", "cw": "C&
           "eval_time_s": "eval s"}  # fmt: skip
 MAIN_METRICS = (*ACCURACIES, *VALIDATION, "grad_evals", "train_time_s", "eval_time_s")
 METRICS = (*MAIN_METRICS, *AA_ACCURACIES)
-RUN_COLUMNS = ("config", "seed", "status", *METRICS, "attack_grad_evals", "epochs", "run_dir")
+RUN_COLUMNS = ("config", "seed", "status", *METRICS, "attack_grad_evals", "epochs", "device",
+               "run_dir")  # fmt: skip
 SUMMARY_STATS = ("mean", "std", "ci_low", "ci_high")
 
 WELCH = ("apgd", "worst", "pgd", "autoattack", "clean")  # tested against the baseline
@@ -151,7 +153,9 @@ def run_numbers(run_dir: Path) -> dict[str, Any]:
     row["val_pgd"] = _number(final.get("val_robust_acc"))
     row["grad_evals"] = summary.get("grad_evals", math.nan)
     row["attack_grad_evals"] = summary.get("attack_grad_evals", math.nan)
-    row["train_time_s"] = summary.get("time_s", math.nan)
+    # seconds on another kind of device are not this table's seconds
+    row["train_time_s"] = summary.get("time_s", math.nan) if on_cpu(summary) else math.nan
+    row["device"] = summary.get("device", "cpu")
     row["epochs"] = summary.get("epochs", math.nan)
     return row
 

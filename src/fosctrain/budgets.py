@@ -14,16 +14,18 @@ puts the final models beside the published MNIST models.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from fosctrain.aggregate import csv_text, mean_interval
+from fosctrain.device import on_cpu
 from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import BUDGET_SCORES, BUDGET_TARGETS, Plan
 
-BUDGET_COLUMNS = ("config", "seed", "checkpoint", "budget", "grad_evals", "time_s", "cpu_s",
-                  "epoch", "clean", "pgd", "apgd", "worst", "n")  # fmt: skip
+BUDGET_COLUMNS = ("config", "seed", "device", "checkpoint", "budget", "grad_evals", "time_s",
+                  "cpu_s", "epoch", "clean", "pgd", "apgd", "worst", "n")  # fmt: skip
 CURVE_METRICS = ("grad_evals", "time_s", "cpu_s", "clean", "pgd", "apgd", "worst")
 # the time axis: training CPU seconds of the run's one thread, which other load on a shared
 # machine inflates far less than wall-clock (both are in the tables)
@@ -60,13 +62,19 @@ def read_scores(path: Path) -> list[dict[str, Any]]:
 
 def collect_budgets(plan: Plan) -> list[dict[str, Any]]:
     """One row per scored run x checkpoint, in the plan's order (a run whose checkpoints are
-    scored counts here before its AutoAttack has finished)."""
+    scored counts here before its AutoAttack has finished). A run trained on another kind of
+    device than a CPU keeps its evaluations and accuracies but not its seconds (NaN): the time
+    axis is one CPU thread's, and its own records keep what it measured."""
     rows = []
     for run in plan.runs:
         if not (run.dir / BUDGET_SCORES).is_file():
             continue
+        summary = json.loads((run.dir / "summary.json").read_text())
         for score in read_scores(run.dir / BUDGET_SCORES):
-            rows.append({"config": run.config_name, "seed": run.seed, **score})
+            if not on_cpu(summary):
+                score.update(time_s=math.nan, cpu_s=math.nan)
+            device = summary.get("device", "cpu")
+            rows.append({"config": run.config_name, "seed": run.seed, "device": device, **score})
     return rows
 
 
@@ -126,7 +134,8 @@ def curves_markdown(plan: Plan, summary: list[dict[str, Any]]) -> list[str]:
         "",
         f"APGD-CE + APGD-T ({BUDGET_TARGETS} most likely targets, 100 steps each) and PGD-20 "
         "on the same digits; mean [95% t-interval] over seeds; training seconds (wall-clock and "
-        "CPU of the run's one thread) exclude the per-epoch validation and checkpoint writes.",
+        "CPU of the run's one thread) exclude the per-epoch validation and checkpoint writes, and "
+        "are the means over the seeds trained on a CPU (a GPU-trained seed counts in the rest).",
         "",
         "| configuration | checkpoint | seeds | grad evals | train s | train CPU s | APGD-CE+T "
         "| PGD-20 |",
@@ -165,8 +174,9 @@ def anchor_markdown(plan: Plan, finals: list[dict[str, Any]]) -> list[str]:
         "## Beside the published MNIST models (eps 0.3, standard AutoAttack)",
         "",
         f"Here: the last checkpoint of each run, the first {n} test digits, mean [95% "
-        "t-interval] over seeds, trained on this machine. Published: Croce & Hein's AutoAttack "
-        "table on all 10,000 test digits, their numbers, not re-run here.",
+        "t-interval] over seeds; training seconds of the seeds trained on a CPU. Published: "
+        "Croce & Hein's AutoAttack table on all 10,000 test digits, their numbers, not re-run "
+        "here.",
         "",
         "| model | AutoAttack % | seeds | training cost |",
         "|---|---:|---:|---|",

@@ -26,3 +26,18 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's parameters live (cpu for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def describe(device: torch.device) -> str:
+    """The device a run trained on, as its summary.json records it: "cpu", or the CUDA
+    device with its name ("cuda:0 NVIDIA H200")."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
+def on_cpu(summary: dict) -> bool:
+    """Whether a run's summary.json says it trained on a CPU (runs from before the device was
+    recorded all did): only such runs' training seconds belong on a CPU-seconds axis."""
+    return str(summary.get("device", "cpu")) == "cpu"

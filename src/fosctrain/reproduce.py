@@ -202,21 +202,21 @@ def status(run: Run) -> str:
     return "partial" if (run.dir / "config.json").is_file() else "todo"
 
 
-def _trained_runs(source: Path, scale: str) -> dict[str, Path]:
-    """{config hash: run directory} of the trained runs of a reproduce directory at `scale`
-    (the hash covers the seed); a directory of another scale (other evaluation sizes) is
-    refused."""
+def _trained_runs(source: Path, scale: str) -> dict[str, list[Path]]:
+    """{config hash: run directories} of the trained runs of a reproduce directory at `scale`
+    (the hash covers the seed; a kept copy of an older run shares its successor's hash); a
+    directory of another scale (other evaluation sizes) is refused."""
     found = read_manifest(source)["scale"]
     if found != scale:
         raise UserError(f"--reuse {source} holds scale {found}, not {scale}")
-    runs: dict[str, Path] = {}
+    runs: dict[str, list[Path]] = {}
     for summary in sorted((source / "runs").glob("*/summary.json")):
         try:
             data = json.loads(summary.read_text())
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and data.get("config_hash"):
-            runs[data["config_hash"]] = summary.parent
+            runs.setdefault(data["config_hash"], []).append(summary.parent)
     return runs
 
 
@@ -238,26 +238,28 @@ def reuse_runs(plan: Plan, sources: list[str | Path], log=print) -> int:
     experiment at the same scale, or the committed records of this one) trained with the
     identical configuration and seed; the copy keeps the source's evaluations (same scale,
     same evaluation) and gets what it lacks later. A source run that is not finished and has
-    lost its checkpoints is not copied: the plan trains it again. Returns the number of runs
-    copied."""
-    known: dict[str, Path] = {}
+    lost its checkpoints is not copied (another source run with the same configuration and
+    seed may be): the plan trains it again. Returns the number of runs copied."""
+    known: dict[str, list[Path]] = {}
     for source in sources:
-        known.update(_trained_runs(Path(source), plan.scale.name))
+        for key, dirs in _trained_runs(Path(source), plan.scale.name).items():
+            known.setdefault(key, []).extend(dirs)
     claim_out(plan)
     copied = 0
     for run in plan.runs:
         key = plan.config(run).hash()
         if status(run) != "todo" or key not in known or run.dir.exists():
             continue
-        if not completable(known[key], run.spec):
-            log(f"{run.name}: not reused: {known[key]} is not finished and lacks the "
+        usable = [d for d in known[key] if completable(d, run.spec)]
+        if not usable:
+            log(f"{run.name}: not reused: {known[key][0]} is not finished and lacks the "
                 "checkpoints to finish it; trained here")  # fmt: skip
             continue
         tmp = run.dir.with_name(f".{run.dir.name}.reuse.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(known[key], tmp, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
+        shutil.copytree(usable[0], tmp, ignore=shutil.ignore_patterns(".lock", ".*.tmp"))
         tmp.rename(run.dir)
-        log(f"{run.name}: reused {known[key]}")
+        log(f"{run.name}: reused {usable[0]}")
         copied += 1
     return copied
 

@@ -31,7 +31,7 @@ from fosctrain import progress
 from fosctrain.checkpoint import load_latest_valid, restore, save_checkpoint
 from fosctrain.config import RUNTIME_FIELDS, Config, validate
 from fosctrain.data import Dataset, fixed_subset, hold_out_validation, load_dataset
-from fosctrain.device import select_device
+from fosctrain.device import describe, select_device
 from fosctrain.distributed import Dist
 from fosctrain.errors import UserError
 from fosctrain.files import atomic_write_json
@@ -387,6 +387,7 @@ def write_summary(tr: Trainer, test: dict[str, float], n_test: int) -> dict[str,
         "attack_grad_evals": tr.state.attack_grad_evals,
         "time_s": tr.state.elapsed,
         "cpu_s": tr.state.cpu_elapsed,
+        "device": describe(tr.device),
         "val_time_s": sum(r.get("val_time_s", 0.0) for r in history),
         "budgets": tr.state.budgets,
         "validation": {
