@@ -16,7 +16,7 @@ from typing import Any
 
 from scipy import stats
 
-from fosctrain.device import on_cpu
+from fosctrain.device import on_cpu, trained_on
 from fosctrain.evaluate import PGD_STEPS
 from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import AUTOATTACK_DIR, EVAL_DIR, MEASURE_DIR, Plan, status
@@ -155,7 +155,7 @@ def run_numbers(run_dir: Path) -> dict[str, Any]:
     row["attack_grad_evals"] = summary.get("attack_grad_evals", math.nan)
     # seconds on another kind of device are not this table's seconds
     row["train_time_s"] = summary.get("time_s", math.nan) if on_cpu(summary) else math.nan
-    row["device"] = summary.get("device", "cpu")
+    row["device"] = trained_on(summary)
     row["epochs"] = summary.get("epochs", math.nan)
     return row
 

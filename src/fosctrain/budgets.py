@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fosctrain.aggregate import csv_text, mean_interval
-from fosctrain.device import on_cpu
+from fosctrain.device import on_cpu, trained_on
 from fosctrain.files import atomic_write_text
 from fosctrain.reproduce import BUDGET_SCORES, BUDGET_TARGETS, Plan
 
@@ -73,7 +73,7 @@ def collect_budgets(plan: Plan) -> list[dict[str, Any]]:
         for score in read_scores(run.dir / BUDGET_SCORES):
             if not on_cpu(summary):
                 score.update(time_s=math.nan, cpu_s=math.nan)
-            device = summary.get("device", "cpu")
+            device = trained_on(summary)
             rows.append({"config": run.config_name, "seed": run.seed, "device": device, **score})
     return rows
 

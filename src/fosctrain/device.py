@@ -37,7 +37,13 @@ def describe(device: torch.device) -> str:
     return f"cuda:{index} {torch.cuda.get_device_name(index)}"
 
 
+def trained_on(summary: dict) -> str:
+    """The device a run's summary.json records ("cpu" for runs from before it was recorded:
+    they all trained on a CPU)."""
+    return str(summary.get("device", "cpu"))
+
+
 def on_cpu(summary: dict) -> bool:
-    """Whether a run's summary.json says it trained on a CPU (runs from before the device was
-    recorded all did): only such runs' training seconds belong on a CPU-seconds axis."""
-    return str(summary.get("device", "cpu")) == "cpu"
+    """Whether a run trained on a CPU: only such runs' training seconds belong on a
+    CPU-seconds axis."""
+    return trained_on(summary) == "cpu"
