@@ -70,10 +70,10 @@ def collect_budgets(plan: Plan) -> list[dict[str, Any]]:
         if not (run.dir / BUDGET_SCORES).is_file():
             continue
         summary = json.loads((run.dir / "summary.json").read_text())
+        device, cpu = trained_on(summary), on_cpu(summary)
         for score in read_scores(run.dir / BUDGET_SCORES):
-            if not on_cpu(summary):
+            if not cpu:
                 score.update(time_s=math.nan, cpu_s=math.nan)
-            device = trained_on(summary)
             rows.append({"config": run.config_name, "seed": run.seed, "device": device, **score})
     return rows
 
